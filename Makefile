@@ -1,0 +1,30 @@
+# openvla_ros: the two commands of the quick start (`make demo`, `make test`) set up what they need.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The stamp records which lock file the venv was built from, so editing it triggers a rebuild.
+STAMP := $(VENV)/.openvla-ros-installed
+PIP_VERSION := 26.3
+
+.PHONY: setup test bench demo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==$(PIP_VERSION)
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -m "not bench" test
+
+bench: setup
+	$(PY) -m pytest -m bench test -s
+
+demo: setup
+	$(VENV)/bin/openvla-ros demo
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,185 @@
+"""The `openvla-ros` command: one entry point with subcommands.
+
+    openvla-ros make-tiny-checkpoint OUT [--seed N] [--chunk K]
+    openvla-ros predict --checkpoint DIR --image FILE --instruction TEXT [--json]
+    openvla-ros bench engine --checkpoint DIR [--json]
+    openvla-ros demo
+
+Errors in user input exit with status 2 and one line naming the bad value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_INSTRUCTION = "reach the red cube"
+DEMO_DIR = Path("runs/demo")
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    from .engines import engine_names
+
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (official OpenVLA format)")
+    parser.add_argument("--engine", default="torch", choices=engine_names(), help="backend (default: torch)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--unnorm-key", default=None, help="dataset key of the statistics to un-normalise with")
+    parser.add_argument("--center-crop", action="store_true", help="90%% area centre crop (augmentation-trained models)")
+    parser.add_argument("--rotate-180", action="store_true", help="rotate the image 180 degrees (camera upside down)")
+
+
+def _engine_from_args(args):
+    from .engines import create_engine
+
+    return create_engine(args.engine, args.checkpoint, device=args.device, dtype=args.dtype,
+                         unnorm_key=args.unnorm_key, center_crop=args.center_crop, rotate_180=args.rotate_180)
+
+
+def load_image_file(path) -> "np.ndarray":
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def format_action(chunk) -> str:
+    lines = []
+    for k, action in enumerate(chunk.actions):
+        prefix = f"t+{k * chunk.dt:.2f}s " if chunk.chunk_len > 1 else ""
+        lines.append(prefix + "  ".join(f"{name}={value:+.4f}" for name, value in zip(chunk.dim_names, action)))
+    return "\n".join(lines)
+
+
+def cmd_make_tiny_checkpoint(args) -> int:
+    from .vla.tiny import write_tiny_checkpoint
+
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+    out = write_tiny_checkpoint(args.out, seed=args.seed, chunk=args.chunk)
+    print(f"wrote tiny checkpoint to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    if args.repeat < 1:
+        raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
+    image = load_image_file(args.image)
+    engine = _engine_from_args(args)
+    chunks = [engine.predict(image, args.instruction, stamp=time.time()) for _ in range(args.repeat)]
+    chunk = chunks[-1]
+    latencies = [c.timings_ms.get("total", float("nan")) for c in chunks]
+    if args.json:
+        result = chunk.as_dict()
+        result["latency_ms"] = statistics.median(latencies)
+        result["latencies_ms"] = latencies
+        result["tokens_repeatable"] = all(c.tokens.tolist() == chunk.tokens.tolist() for c in chunks)
+        result["engine"] = engine.info()
+        print(json.dumps(result))
+    else:
+        print(format_action(chunk))
+        print(f"latency {statistics.median(latencies):.1f} ms (median of {len(latencies)}), tokens {chunk.tokens.tolist()}")
+    return 0
+
+
+def cmd_bench_engine(args) -> int:
+    import torch
+
+    from .engines.bench import bench_engine, synthetic_scene
+    from .engines.torch_engine import TorchEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = TorchEngine(args.checkpoint, device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key)
+    image = load_image_file(args.image) if args.image else synthetic_scene()
+    result = bench_engine(engine, image, args.instruction, runs=args.runs, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Until the full loop lands: a tiny checkpoint and one prediction on a generated scene."""
+    from .engines.bench import synthetic_scene
+    from .engines.torch_engine import TorchEngine
+    from .vla.tiny import write_tiny_checkpoint
+
+    checkpoint = Path(args.out) / "tiny-checkpoint"
+    if not (checkpoint / "config.json").exists():
+        print(f"[demo] writing a tiny OpenVLA-format checkpoint to {checkpoint}")
+        write_tiny_checkpoint(checkpoint, seed=0)
+    engine = TorchEngine(checkpoint)
+    image = synthetic_scene(seed=1)
+    engine.predict(image, args.instruction)  # warm-up (first call allocates caches)
+    chunk = engine.predict(image, args.instruction)
+    print(f"[demo] instruction: {args.instruction!r}")
+    print(f"[demo] action ({chunk.unnorm_key}, dt={chunk.dt}s):")
+    print(format_action(chunk))
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in chunk.timings_ms.items())
+    print(f"[demo] latency {chunk.timings_ms['total']:.1f} ms ({stages} ms)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="openvla-ros", description="OpenVLA on ROS 2: engines, evaluation, training, demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-checkpoint", help="write a tiny checkpoint in the official OpenVLA format")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk", type=int, default=1, help="actions per call (K); K*D tokens are decoded")
+    p.set_defaults(func=cmd_make_tiny_checkpoint)
+
+    p = sub.add_parser("predict", help="one action from an image file and an instruction")
+    _add_engine_options(p)
+    p.add_argument("--image", required=True, help="image file (PNG/JPEG)")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--repeat", type=int, default=1, help="run N times (latency median, repeatability)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_predict)
+
+    bench = sub.add_parser("bench", help="benchmarks printing JSON").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("engine", help="own decode loop vs Hugging Face generate() on the same weights")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--unnorm-key", default=None)
+    p.add_argument("--image", default=None, help="image file (default: a generated scene)")
+    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_engine)
+
+    p = sub.add_parser("demo", help="the quick-start demo")
+    p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")
+    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:  # bad user input: one clear line, no traceback
+        print(f"openvla-ros: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""PyTorch backend: the checkpoint's network in transformers/timm with this project's decode loop.
+
+One prefill over `[BOS] + image patches + prompt`, then greedy steps with a KV cache, decoding
+exactly K*D tokens (no EOS stop, no sampling, no logits processors) — the same tokens as the
+Hugging Face `generate()` path (`reference_tokens`, used by tests and `openvla-ros bench engine`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..vla.checkpoint import Checkpoint
+from ..vla.model import load_model
+from ..vla.pipeline import OpenVLAPipeline
+from .base import ActionChunk
+from .llama_decode import LlamaGreedyDecoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_device(device: str) -> str:
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        return device
+    raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda[:N]'")
+
+
+class TorchEngine:
+    """`Engine` backend running the checkpoint with PyTorch on CPU or CUDA."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint_dir, *, device: str = "cpu", dtype: str = "float32",
+                 unnorm_key: str | None = None, center_crop: bool = False, rotate_180: bool = False,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.checkpoint = Checkpoint.open(checkpoint_dir)
+        self.device = check_device(device)
+        self.dtype_name = dtype
+        self.dtype = parse_dtype(dtype)
+        self.pipeline = OpenVLAPipeline(self.checkpoint, unnorm_key=unnorm_key, center_crop=center_crop, rotate_180=rotate_180)
+        self.model = load_model(self.checkpoint, dtype=self.dtype, device=self.device)
+        self._clock = clock
+        self._decoder: LlamaGreedyDecoder | None = None
+
+    # Engine protocol -------------------------------------------------------------------------
+    @property
+    def dim_names(self):
+        return self.pipeline.dim_names
+
+    @property
+    def dt(self) -> float:
+        return self.pipeline.dt
+
+    @property
+    def chunk_len(self) -> int:
+        return self.pipeline.chunk_len
+
+    def info(self) -> dict:
+        return {"engine": self.name, "device": self.device, "dtype": self.dtype_name, **self.pipeline.info()}
+
+    def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
+                unnorm_key: str | None = None) -> ActionChunk:
+        clock = self._clock
+        t0 = clock()
+        pixel_values, input_ids = self.prepare(image, instruction)
+        t1 = clock()
+        with torch.inference_mode():
+            embeds = self.multimodal_embeddings(pixel_values, input_ids)
+            self._sync()
+            t2 = clock()
+            tokens, lm_timings = self.decode(embeds)
+        t3 = clock()
+        timings = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, **lm_timings, "total": (t3 - t0) * 1e3}
+        return self.pipeline.to_chunk(tokens, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings)
+
+    # Stages ------------------------------------------------------------------------------------
+    def prepare(self, image, instruction):
+        """Validated inputs on the device: pixel values [1, C, 224, 224] and input ids [1, T]."""
+        input_ids = self.pipeline.input_ids(instruction)  # validates the instruction first (cheap)
+        pixel_values = self.pipeline.pixel_values(image)
+        return (pixel_values.to(self.device, self.dtype),
+                torch.tensor([input_ids], dtype=torch.long, device=self.device))
+
+    def multimodal_embeddings(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[BOS] + projected patches + the rest of the prompt, as input embeddings [1, 1+P+T-1, H]."""
+        patches = self.model.projector(self.model.vision_backbone(pixel_values))
+        text = self.model.language_model.get_input_embeddings()(input_ids)
+        return torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
+
+    def decode(self, embeds: torch.Tensor) -> tuple[list[int], dict]:
+        """Greedy K*D tokens: one prefill, then one cached step per token. Returns tokens and timings."""
+        n = self.pipeline.n_tokens
+        needed = embeds.shape[1] + n
+        if self._decoder is None or self._decoder.max_len < needed:
+            # Sized for this prompt plus headroom, so longer instructions rarely reallocate.
+            self._decoder = LlamaGreedyDecoder(self.model.language_model, max_len=needed + 64)
+        clock = self._clock
+        t0 = clock()
+        token = self._decoder.prefill(embeds)
+        tokens = [token]
+        self._sync()
+        t1 = clock()
+        for _ in range(n - 1):
+            token = self._decoder.step(token)
+            tokens.append(token)
+        result = torch.cat(tokens, dim=1)[0].tolist()  # one device->host copy at the end
+        t2 = clock()
+        return result, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "lm": (t2 - t0) * 1e3}
+
+    def reference_tokens(self, embeds: torch.Tensor) -> tuple[list[int], float]:
+        """The plain Hugging Face path on the same embeddings: `generate()`, greedy, K*D new tokens."""
+        lm = self.model.language_model
+        n = self.pipeline.n_tokens
+        t0 = self._clock()
+        out = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                          pad_token_id=lm.config.pad_token_id, eos_token_id=None)
+        self._sync()
+        elapsed_ms = (self._clock() - t0) * 1e3
+        return out[0, -n:].tolist(), elapsed_ms
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)

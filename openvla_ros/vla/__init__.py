@@ -1,0 +1,1 @@
+"""The OpenVLA model without ROS: checkpoint reading, backbones, prompt, preprocessing, action tokens."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny checkpoints in the official format, made once per test session."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from openvla_ros.vla.tiny import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_chunk_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-k4", seed=1, chunk=4)
+
+
+@pytest.fixture(scope="session")
+def torch_engine(tiny_checkpoint):
+    from openvla_ros.engines.torch_engine import TorchEngine
+
+    return TorchEngine(tiny_checkpoint)
+
+
+@pytest.fixture
+def scene_image():
+    from openvla_ros.engines.bench import synthetic_scene
+
+    return synthetic_scene(seed=3)
+
+
+def random_image(seed: int, shape=(180, 240, 3)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
