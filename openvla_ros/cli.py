@@ -3,6 +3,8 @@
     openvla-ros make-tiny-checkpoint OUT [--seed N] [--chunk K]
     openvla-ros predict --checkpoint DIR --image FILE --instruction TEXT [--json]
     openvla-ros bench engine --checkpoint DIR [--json]
+    openvla-ros eval bag --checkpoint DIR [DIR...] --bags PATH [PATH...] --out DIR [--truth-topic T]
+    openvla-ros eval topics BAG
     openvla-ros demo
 
 Errors in user input exit with status 2 and one line naming the bad value.
@@ -20,10 +22,13 @@ DEFAULT_INSTRUCTION = "reach the red cube"
 DEMO_DIR = Path("runs/demo")
 
 
-def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+def _add_engine_options(parser: argparse.ArgumentParser, several_checkpoints: bool = False) -> None:
     from .engines import engine_names
 
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (official OpenVLA format)")
+    if several_checkpoints:
+        parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoint directories")
+    else:
+        parser.add_argument("--checkpoint", required=True, help="checkpoint directory (official OpenVLA format)")
     parser.add_argument("--engine", default="torch", choices=engine_names(), help="backend (default: torch)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -110,6 +115,59 @@ def cmd_bench_engine(args) -> int:
     return 0
 
 
+def _fk_from_args(args):
+    """`fk(joint_names, positions) -> 4x4` through the URDF, for /joint_states ground truth."""
+    if not args.urdf:
+        return None
+    import numpy as np
+
+    from .control.kinematics import ArmKinematics
+
+    kin = ArmKinematics.from_urdf(args.urdf, args.base_frame, args.tip_frame)
+
+    def fk(names, positions):
+        by_name = dict(zip(names, positions))
+        missing = [n for n in kin.joint_names if n not in by_name]
+        if missing:
+            raise ValueError(f"joint_states lack joints {missing} of {args.urdf}")
+        return kin.tip_pose(np.array([by_name[n] for n in kin.joint_names])).as_matrix()
+
+    return fk
+
+
+def cmd_eval_bag(args) -> int:
+    from .engines import create_engine
+    from .eval.bags import BagReadOptions
+    from .eval.open_loop import EvalOptions, load_instruction_pairs, run_eval
+    from .eval.report import comparison_markdown
+
+    bag_options = BagReadOptions(
+        image_topic=args.image_topic, instruction=args.instruction, instruction_topic=args.instruction_topic,
+        truth_topic=args.truth_topic, gripper_topic=args.gripper_topic, dt=args.dt, sync=args.sync,
+        tolerance=args.tolerance, fk=_fk_from_args(args), typestore=args.typestore, stride=args.stride,
+        max_frames=args.max_frames).validated()
+    options = EvalOptions(bag=bag_options, unnorm_key=args.unnorm_key, repeat=args.repeat,
+                          sensitivity_frames=args.sensitivity_frames,
+                          instruction_pairs=load_instruction_pairs(args.instruction_pairs) if args.instruction_pairs else None)
+
+    def engine_factory(checkpoint):
+        return create_engine(args.engine, checkpoint, device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key,
+                             center_crop=args.center_crop, rotate_180=args.rotate_180)
+
+    rows = run_eval(engine_factory, args.checkpoint, args.bags, options, args.out)
+    print(comparison_markdown(rows))
+    print(f"reports written under {args.out}")
+    return 0
+
+
+def cmd_eval_topics(args) -> int:
+    from .eval.bags import list_topics
+
+    for topic in list_topics(args.bag):
+        print(f"{topic.name}\t{topic.msgtype}\t{topic.count}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Until the full loop lands: a tiny checkpoint and one prediction on a generated scene."""
     from .engines.bench import synthetic_scene
@@ -163,6 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_engine)
+
+    evaluation = sub.add_parser("eval", help="rosbag evaluation").add_subparsers(dest="eval", required=True)
+    p = evaluation.add_parser("bag", help="open-loop evaluation of checkpoints on rosbag2 recordings")
+    _add_engine_options(p, several_checkpoints=True)
+    p.set_defaults(func=cmd_eval_bag)
+    p.add_argument("--bags", nargs="+", required=True, help="rosbag2 directories (sqlite3 or mcap)")
+    p.add_argument("--out", required=True, help="output directory for predictions.csv, summary.json, report.md")
+    p.add_argument("--image-topic", default=None, help="camera topic (default: the bag's only image topic)")
+    p.add_argument("--instruction", default=None, help="instruction for every frame (wins over --instruction-topic)")
+    p.add_argument("--instruction-topic", default=None, help="std_msgs/String topic (default: the bag's only one)")
+    p.add_argument("--truth-topic", default=None, help="ground truth: TwistStamped, JointTrajectory, Float64MultiArray, PoseStamped or JointState (type read from the bag)")
+    p.add_argument("--gripper-topic", default=None)
+    p.add_argument("--dt", type=float, default=None, help="seconds per action (default: the checkpoint's)")
+    p.add_argument("--sync", default="nearest", choices=["nearest", "previous", "interpolate"])
+    p.add_argument("--tolerance", type=float, default=0.05, help="stamp matching tolerance [s]")
+    p.add_argument("--typestore", default=None, help="ROS 2 type store (default: from the bag, else kilted)")
+    p.add_argument("--stride", type=int, default=1, help="use every n-th frame")
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1, help="N runs per frame (repeatability)")
+    p.add_argument("--instruction-pairs", default=None, help="file of instruction pairs (sensitivity)")
+    p.add_argument("--sensitivity-frames", type=int, default=None)
+    p.add_argument("--urdf", default=None, help="URDF for /joint_states ground truth")
+    p.add_argument("--base-frame", default="panda_link0")
+    p.add_argument("--tip-frame", default="panda_grasptarget")
+    p = evaluation.add_parser("topics", help="list a bag's topics, types and counts")
+    p.add_argument("bag")
+    p.set_defaults(func=cmd_eval_topics)
 
     p = sub.add_parser("demo", help="the quick-start demo")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")

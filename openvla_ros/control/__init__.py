@@ -1,0 +1,1 @@
+"""Control core (no ROS): chunk buffer, rotations, inference worker, kinematics."""
