@@ -6,7 +6,9 @@ from setuptools import find_packages, setup
 PACKAGE = "openvla_ros"
 
 # Each ROS node is also a console script so `ros2 run openvla_ros <node>` and launch files find it.
-NODE_SCRIPTS: list[str] = []
+NODE_SCRIPTS = [
+    "vla_node = openvla_ros.nodes.vla_node:main",
+]
 
 setup(
     name=PACKAGE,

@@ -33,3 +33,22 @@ def scene_image():
 
 def random_image(seed: int, shape=(180, 240, 3)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+
+
+class ManualClock:
+    """A thread-safe clock that tests advance explicitly (injected wherever code reads time)."""
+
+    def __init__(self, t: float = 0.0):
+        import threading
+
+        self.t = t
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.t
+
+    def advance(self, dt: float) -> float:
+        with self.lock:
+            self.t += dt
+            return self.t

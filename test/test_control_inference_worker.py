@@ -12,24 +12,13 @@ import pytest
 from openvla_ros.control.inference_worker import (
     EngineProcessError, InferenceWorker, NonFiniteChunkError, Observation, ProcessEngine,
 )
+from conftest import ManualClock as FakeClock
 from openvla_ros.engines.base import ActionChunk, Engine
 
 NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 WAIT_S = 10.0  # generous upper bound for events; tests finish far sooner
 
 
-class FakeClock:
-    def __init__(self, t=0.0):
-        self.t = t
-        self.lock = threading.Lock()
-
-    def __call__(self):
-        with self.lock:
-            return self.t
-
-    def advance(self, dt):
-        with self.lock:
-            self.t += dt
 
 
 class MeanEngine:

@@ -1,0 +1,56 @@
+"""Bring up the OpenVLA stack next to a real arm's driver: vla_node + ik_node.
+
+    ros2 launch openvla_ros vla.launch.py checkpoint:=/models/openvla-7b engine:=torch device:=cuda \
+        robot_config:=$(ros2 pkg prefix openvla_ros)/share/openvla_ros/config/robots/panda.yaml
+
+The arm's driver (ros2_control) must already publish /joint_states and run the controller that
+ik_node's `command_topic` feeds. Parameters come from config/vla_node.yaml, config/ik_node.yaml and
+the robot file; the launch arguments override the few that change per run.
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def generate_launch_description():
+    share = get_package_share_directory("openvla_ros")
+    config = os.path.join(share, "config")
+    arguments = [
+        DeclareLaunchArgument("checkpoint", description="OpenVLA checkpoint directory"),
+        DeclareLaunchArgument("engine", default_value="torch", description="torch | bnb4 | bnb8 | onnx | tensorrt | remote"),
+        DeclareLaunchArgument("device", default_value="cuda", description="cpu or cuda[:N]"),
+        DeclareLaunchArgument("dtype", default_value="bfloat16", description="float32 | bfloat16 | float16"),
+        DeclareLaunchArgument("unnorm_key", default_value="", description="dataset key for un-normalisation"),
+        DeclareLaunchArgument("vla_config", default_value=os.path.join(config, "vla_node.yaml"),
+                              description="vla_node parameter file"),
+        DeclareLaunchArgument("ik_config", default_value=os.path.join(config, "ik_node.yaml"),
+                              description="ik_node parameter file"),
+        DeclareLaunchArgument("robot_config", default_value=os.path.join(config, "robots", "panda.yaml"),
+                              description="robot parameter file (URDF, frames, joints, limits)"),
+        DeclareLaunchArgument("use_ik_node", default_value="true",
+                              description="false when MoveIt Servo consumes /vla/eef_delta instead"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock"),
+    ]
+    use_sim_time = LaunchConfiguration("use_sim_time")
+    vla = Node(
+        package="openvla_ros", executable="vla_node", name="vla_node", output="screen",
+        parameters=[LaunchConfiguration("vla_config"), {
+            "checkpoint": LaunchConfiguration("checkpoint"),
+            "engine": LaunchConfiguration("engine"),
+            "device": LaunchConfiguration("device"),
+            "dtype": LaunchConfiguration("dtype"),
+            "unnorm_key": LaunchConfiguration("unnorm_key"),
+            "use_sim_time": use_sim_time,
+        }],
+    )
+    ik = Node(
+        package="openvla_ros", executable="ik_node", name="ik_node", output="screen",
+        condition=IfCondition(LaunchConfiguration("use_ik_node")),
+        parameters=[LaunchConfiguration("ik_config"), LaunchConfiguration("robot_config"), {"use_sim_time": use_sim_time}],
+    )
+    return LaunchDescription(arguments + [vla, ik])

@@ -1,0 +1,300 @@
+"""The vla_node's logic without ROS: instruction, enable/stop, camera freshness, worker and buffer.
+
+The node forwards messages and timer ticks here and publishes what `tick()` returns. Every
+condition that must not move the arm (disabled, stopped, no instruction, stale or invalid camera,
+failed engine, underrun, a non-finite command) yields a zero twist with the reason in `state`;
+good input recovers on its own. Twists that pass are clamped to the configured speed limits
+(each of the linear and angular vectors is scaled down as a whole, keeping its direction). The
+clock is injected so tests drive time.
+
+Camera freshness is judged by the newest valid frame's stamp: when it is older than
+``stale_image_timeout_s`` the arm holds and the plan is flushed (a new epoch), so when frames
+return the arm follows chunks computed from them, never the rest of a plan made before the gap.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from openvla_ros.engines.base import ActionChunk
+
+from .chunk_buffer import STATE_OK, STATE_UNDERRUN, ChunkBuffer, ControlCommand, PushResult
+from .inference_worker import STATE_FAILED, InferenceWorker, Observation
+
+logger = logging.getLogger(__name__)
+
+# Gripper mappings of the model's output g (RLDS convention: 0 closed .. 1 open), as in OpenVLA's
+# evaluation code: identity g | signed 2g-1 | binary sign(2g-1) (0 exactly at g = 0.5).
+GRIPPER_IDENTITY = "identity"
+GRIPPER_SIGNED = "signed"
+GRIPPER_BINARY = "binary"
+GRIPPER_MODES = (GRIPPER_IDENTITY, GRIPPER_SIGNED, GRIPPER_BINARY)
+
+# Why the arm holds; "ok" when it follows the model.
+STATE_FOLLOWING = "ok"
+HOLD_DISABLED = "disabled"
+HOLD_STOPPED = "stopped"
+HOLD_NO_INSTRUCTION = "no_instruction"
+HOLD_NO_CAMERA = "no_camera"
+HOLD_STALE_CAMERA = "stale_camera"
+HOLD_ENGINE_FAILED = "engine_failed"
+HOLD_UNDERRUN = "underrun"
+HOLD_NON_FINITE = "non_finite_command"
+
+
+def map_gripper(value: float | None, mode: str = GRIPPER_IDENTITY, invert: bool = False) -> float | None:
+    """Model gripper output (RLDS: 0 closed .. 1 open) to the arm's convention.
+
+    ``invert`` mirrors the result within its range: ``1 - g`` for identity (still 0..1), ``-x``
+    for the signed and binary modes (-1..1). None or non-finite input gives None (no command).
+    """
+    if mode not in GRIPPER_MODES:
+        raise ValueError(f"gripper mode must be one of {GRIPPER_MODES}, got {mode!r}")
+    if value is None or not math.isfinite(value):
+        return None
+    value = float(value)
+    if mode == GRIPPER_IDENTITY:
+        return 1.0 - value if invert else value
+    value = 2.0 * value - 1.0
+    if mode == GRIPPER_BINARY:
+        value = float(np.sign(value))
+    return -value if invert else value
+
+
+def clamp_norm(vector: np.ndarray, limit: float) -> tuple[np.ndarray, bool]:
+    """``vector`` scaled down to Euclidean norm ``limit`` when longer; (result, whether it was clamped)."""
+    norm = float(np.linalg.norm(vector))
+    if norm <= limit:
+        return vector, False
+    return vector * (limit / norm), True
+
+
+@dataclass
+class TickOutput:
+    """What the node publishes for one control interval."""
+
+    linear: np.ndarray  # (3,) m/s, base frame
+    angular: np.ndarray  # (3,) rad/s, base frame
+    gripper: float | None  # mapped gripper command; None before the model gave one
+    state: str  # "ok" or one of the HOLD_* reasons
+    command: ControlCommand | None = None  # the buffer's raw sample
+
+    @property
+    def moving(self) -> bool:
+        return bool(np.any(self.linear) or np.any(self.angular))
+
+
+@dataclass
+class ControllerCounters:
+    images: int = 0
+    bad_images: int = 0
+    instructions: int = 0
+    bad_instructions: int = 0
+    ticks: int = 0
+    clamped_ticks: int = 0
+    non_finite_commands: int = 0
+    stale_flushes: int = 0
+    holds: dict = field(default_factory=dict)
+
+
+class VlaController:
+    """Glue between camera/instruction input, the inference worker and the chunk buffer.
+
+    ``on_chunk(chunk, epoch, result)`` (optional) is called from the worker thread after each chunk
+    was offered to the buffer, with the buffer's `PushResult` (the node publishes accepted ones).
+    """
+
+    def __init__(self, engine, buffer: ChunkBuffer, *, clock: Callable[[], float] = time.monotonic,
+                 stale_image_timeout_s: float = 0.5, start_enabled: bool = False,
+                 gripper_mode: str = GRIPPER_IDENTITY, gripper_invert: bool = False,
+                 max_linear_speed: float = math.inf, max_angular_speed: float = math.inf,
+                 worker_options: dict | None = None,
+                 on_chunk: Callable[[ActionChunk, int, PushResult], None] | None = None):
+        self.stale_image_timeout_s = stale_image_timeout_s  # validated by the setter
+        for name, value in (("max_linear_speed", max_linear_speed), ("max_angular_speed", max_angular_speed)):
+            if not (isinstance(value, (int, float)) and not math.isnan(value) and value > 0):
+                raise ValueError(f"{name} must be > 0 (inf: no limit), got {value!r}")
+        map_gripper(0.0, gripper_mode)  # validates the mode
+        self.buffer = buffer
+        self._clock = clock
+        self.gripper_mode = gripper_mode
+        self.gripper_invert = bool(gripper_invert)
+        self.max_linear_speed = float(max_linear_speed)
+        self.max_angular_speed = float(max_angular_speed)
+        self._chunk_listener = on_chunk
+        options = dict(worker_options or {})
+        if options.get("mode") == "threshold":
+            options.setdefault("depth_fn", buffer.depth_s)
+        self.worker = InferenceWorker(engine, self._on_chunk, clock=clock, on_error=self._on_error, **options)
+        self.enabled = bool(start_enabled)
+        self.stopped = False
+        self.instruction: str | None = None
+        self.last_image_time: float | None = None
+        self.last_error: str | None = None
+        self.last_state: str | None = None
+        self.counters = ControllerCounters()
+
+    @property
+    def stale_image_timeout_s(self) -> float:
+        return self._stale_image_timeout_s
+
+    @stale_image_timeout_s.setter
+    def stale_image_timeout_s(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"stale_image_timeout_s must be > 0 seconds, got {value!r}")
+        self._stale_image_timeout_s = float(value)
+
+    # lifecycle --------------------------------------------------------------------------
+    def start(self) -> "VlaController":
+        self.worker.start()
+        return self
+
+    def shutdown(self) -> None:
+        self.buffer.stop()
+        self.worker.stop()
+
+    # inputs -----------------------------------------------------------------------------
+    def set_instruction(self, text) -> bool:
+        """A new instruction flushes the plan made for the old one. Empty text is refused (False)."""
+        if not isinstance(text, str) or not text.strip():
+            self.counters.bad_instructions += 1
+            self.last_error = f"ignored empty instruction {text!r}"
+            logger.warning(self.last_error)
+            return False
+        text = text.strip()
+        if text != self.instruction:
+            self.instruction = text
+            self.buffer.reset()
+        self.counters.instructions += 1
+        return True
+
+    def on_image(self, image: np.ndarray, stamp: float) -> bool:
+        """A decoded RGB frame taken at `stamp` (controller clock). Invalid frames are counted, not used."""
+        usable = (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+                  and image.shape[2] == 3 and image.shape[0] >= 2 and image.shape[1] >= 2)
+        if not usable:
+            self.on_bad_image(f"unusable frame: shape {getattr(image, 'shape', None)} "
+                              f"dtype {getattr(image, 'dtype', type(image).__name__)}")
+            return False
+        if not (isinstance(stamp, (int, float)) and math.isfinite(stamp)):
+            self.on_bad_image(f"unusable frame stamp {stamp!r}")
+            return False
+        self.counters.images += 1
+        self.last_image_time = float(stamp)
+        if self.enabled and not self.stopped and self.instruction is not None:
+            self.worker.submit(Observation(image, self.instruction, float(stamp), self.buffer.epoch))
+        return True
+
+    def on_bad_image(self, reason: str) -> None:
+        self.counters.bad_images += 1
+        self.last_error = reason
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Enable follows the model from the next frame; disable flushes the plan and holds."""
+        if enabled:
+            self.stopped = False
+            self.buffer.resume()
+        else:
+            self.buffer.reset()
+        self.enabled = bool(enabled)
+
+    def stop(self) -> None:
+        """Flush, zero twist, stay stopped until enabled again."""
+        self.stopped = True
+        self.enabled = False
+        self.buffer.stop()
+
+    # outputs ----------------------------------------------------------------------------
+    def hold_reason(self, now: float) -> str | None:
+        """Why the arm must hold at ``now`` regardless of the buffer (None: follow the buffer)."""
+        if self.stopped:
+            return HOLD_STOPPED
+        if not self.enabled:
+            return HOLD_DISABLED
+        if self.instruction is None:
+            return HOLD_NO_INSTRUCTION
+        if self.last_image_time is None:
+            return HOLD_NO_CAMERA
+        if now - self.last_image_time > self.stale_image_timeout_s:
+            return HOLD_STALE_CAMERA
+        if self.worker.state == STATE_FAILED:
+            return HOLD_ENGINE_FAILED
+        return None
+
+    def tick(self, period: float, now: float | None = None) -> TickOutput:
+        """The command for the control interval [now, now + period)."""
+        now = self._clock() if now is None else now
+        self.counters.ticks += 1
+        reason = self.hold_reason(now)
+        if reason == HOLD_STALE_CAMERA and self.last_state != HOLD_STALE_CAMERA:
+            # The plan was made from frames that are now too old: drop it (and any chunk in flight).
+            self.buffer.reset()
+            self.counters.stale_flushes += 1
+            logger.warning("camera stale (newest frame %.3f s old): holding", now - self.last_image_time)
+        command = self.buffer.sample(now, period=period)
+        gripper = map_gripper(command.gripper, self.gripper_mode, self.gripper_invert)
+        linear, angular = command.linear, command.angular
+        if reason is None and command.state != STATE_OK:
+            reason = HOLD_UNDERRUN if command.state == STATE_UNDERRUN else command.state
+        if reason is None and not (np.all(np.isfinite(linear)) and np.all(np.isfinite(angular))):
+            # The buffer rejects non-finite chunks; this guards the last step before the arm.
+            self.counters.non_finite_commands += 1
+            reason = HOLD_NON_FINITE
+        self.last_state = reason or STATE_FOLLOWING
+        if reason is not None:
+            self.counters.holds[reason] = self.counters.holds.get(reason, 0) + 1
+            return TickOutput(np.zeros(3), np.zeros(3), gripper, reason, command)
+        linear, clamped_linear = clamp_norm(linear, self.max_linear_speed)
+        angular, clamped_angular = clamp_norm(angular, self.max_angular_speed)
+        if clamped_linear or clamped_angular:
+            self.counters.clamped_ticks += 1
+        return TickOutput(np.array(linear, dtype=np.float64), np.array(angular, dtype=np.float64), gripper,
+                          STATE_FOLLOWING, command)
+
+    def status(self, now: float | None = None) -> dict:
+        """Everything /vla/status reports; ``state`` is "ok" or why the arm holds."""
+        now = self._clock() if now is None else now
+        reason = self.hold_reason(now)
+        buffer = self.buffer.status(now)
+        if reason is None:  # the buffer's state is that of the last tick's sample
+            if buffer["state"] == STATE_UNDERRUN:
+                reason = HOLD_UNDERRUN
+            elif self.last_state == HOLD_NON_FINITE:
+                reason = HOLD_NON_FINITE
+        age = None if self.last_image_time is None else now - self.last_image_time
+        c = self.counters
+        return {
+            "state": reason or STATE_FOLLOWING,
+            "enabled": self.enabled,
+            "stopped": self.stopped,
+            "instruction": self.instruction,
+            "image_age_s": age,
+            "images": c.images,
+            "bad_images": c.bad_images,
+            "instructions": c.instructions,
+            "bad_instructions": c.bad_instructions,
+            "ticks": c.ticks,
+            "clamped_ticks": c.clamped_ticks,
+            "non_finite_commands": c.non_finite_commands,
+            "stale_flushes": c.stale_flushes,
+            "holds": dict(c.holds),
+            "last_error": self.last_error,
+            "buffer": buffer,
+            "worker": self.worker.status(),
+        }
+
+    # worker callbacks (worker thread) ---------------------------------------------------
+    def _on_chunk(self, chunk: ActionChunk, epoch: int) -> None:
+        result = self.buffer.push(chunk, epoch)
+        if not result:
+            logger.debug("chunk rejected: %s %s", result.reason, result.detail)
+        if self._chunk_listener is not None:
+            self._chunk_listener(chunk, epoch, result)
+
+    def _on_error(self, exc: BaseException, state: str) -> None:
+        self.last_error = f"engine error ({state}): {exc}"

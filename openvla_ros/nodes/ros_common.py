@@ -1,0 +1,108 @@
+"""Small rclpy helpers shared by the nodes: QoS profiles, time conversion, diagnostics, spinning."""
+from __future__ import annotations
+
+import json
+import math
+
+
+def latched_qos(depth: int = 1):
+    """Reliable + transient_local: the last message (e.g. the instruction) reaches late joiners."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def sensor_qos(depth: int = 1):
+    """Camera input: keep only the newest frame; best effort matches most camera drivers."""
+    from rclpy.qos import qos_profile_sensor_data, QoSProfile
+
+    profile = QoSProfile(depth=depth)
+    profile.reliability = qos_profile_sensor_data.reliability
+    profile.durability = qos_profile_sensor_data.durability
+    profile.history = qos_profile_sensor_data.history
+    return profile
+
+
+def stamp_to_seconds(stamp) -> float:
+    return float(stamp.sec) + float(stamp.nanosec) * 1e-9
+
+
+def seconds_to_stamp(seconds: float):
+    from builtin_interfaces.msg import Time
+
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"cannot make a ROS time from {seconds!r} s")
+    sec = int(seconds)
+    return Time(sec=sec, nanosec=min(999_999_999, int(round((seconds - sec) * 1e9))))
+
+
+def node_seconds(node) -> float:
+    return node.get_clock().now().nanoseconds * 1e-9
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, float):
+        out[prefix] = f"{value:.6g}"
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = json.dumps(value)
+    else:
+        out[prefix] = str(value)
+    return out
+
+
+def diagnostic_array(node, name: str, status: dict, *, level_of_state):
+    """A DiagnosticArray with one status: `status` flattened into key/values."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+    state = str(status.get("state", "unknown"))
+    msg = DiagnosticArray()
+    msg.header.stamp = node.get_clock().now().to_msg()
+    entry = DiagnosticStatus(level=level_of_state(state), name=name, message=state, hardware_id=node.get_name())
+    entry.values = [KeyValue(key=k, value=v) for k, v in flatten("", status, {}).items()]
+    msg.status = [entry]
+    return msg
+
+
+def diagnostic_level(ok_states=("ok",), warn_states=()):
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    def level(state: str) -> bytes:
+        if state in ok_states:
+            return DiagnosticStatus.OK
+        if state in warn_states:
+            return DiagnosticStatus.WARN
+        return DiagnosticStatus.ERROR
+
+    return level
+
+
+def spin_node(node_factory, args=None) -> int:
+    """rclpy.init, build the node, spin a SingleThreadedExecutor until Ctrl-C / shutdown."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = node_factory()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ValueError as exc:  # configuration errors: one clear line, non-zero exit
+        print(f"[error] {exc}")
+        return 2
+    finally:
+        if node is not None:
+            close = getattr(node, "close", None)
+            if close:
+                close()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0

@@ -1,0 +1,230 @@
+"""vla_node: camera + instruction in, a 100 Hz end-effector twist stream out.
+
+    ros2 run openvla_ros vla_node --ros-args --params-file config/vla_node.yaml -p checkpoint:=/path/to/ckpt
+
+Inference runs on a worker thread on the newest frame; chunks go into the latency-compensated
+chunk buffer, which a control timer samples into TwistStamped at `control_rate_hz`. All decisions
+live in `openvla_ros.control.vla_controller`; this node only converts messages.
+"""
+from __future__ import annotations
+
+import collections
+
+from ..control.chunk_buffer import POLICIES, ActionMapping, ChunkBuffer
+from ..control.vla_controller import (GRIPPER_MODES, HOLD_DISABLED, HOLD_NO_INSTRUCTION, HOLD_STOPPED, HOLD_UNDERRUN,
+                                      STATE_FOLLOWING, VlaController)
+from ..imaging import decode_compressed_image, image_fields_to_rgb
+from .params import ParamSpec, declare_parameters
+
+NODE_NAME = "vla_node"
+
+PARAMS = [
+    ParamSpec("checkpoint", "", "OpenVLA checkpoint directory (official Hugging Face layout)", read_only=True),
+    ParamSpec("engine", "torch", "inference backend", choices=("torch", "bnb4", "bnb8", "onnx", "tensorrt", "remote"), read_only=True),
+    ParamSpec("device", "cpu", "torch device: cpu or cuda[:N]", read_only=True),
+    ParamSpec("dtype", "float32", "weights dtype", choices=("float32", "bfloat16", "float16"), read_only=True),
+    ParamSpec("unnorm_key", "", "dataset key of the action statistics (empty: the only one)", read_only=True),
+    ParamSpec("center_crop", False, "90% area centre crop, for models trained with augmentation", read_only=True),
+    ParamSpec("rotate_180", False, "rotate camera images by 180 degrees (upside-down camera)", read_only=True),
+    ParamSpec("image_topic", "/camera/image_raw", "camera topic (raw; '/compressed' is appended for compressed)", read_only=True),
+    ParamSpec("image_transport", "raw", "camera transport", choices=("raw", "compressed"), read_only=True),
+    ParamSpec("instruction_topic", "/vla/instruction", "instruction topic (std_msgs/String, latched)", read_only=True),
+    ParamSpec("twist_topic", "/vla/eef_delta", "output twist topic", read_only=True),
+    ParamSpec("gripper_topic", "/vla/gripper_command", "output gripper command topic", read_only=True),
+    ParamSpec("base_frame", "base_link", "frame_id of the output twists (the arm's base frame)"),
+    ParamSpec("control_rate_hz", 100.0, "rate of the twist stream", "Hz", min=1.0, max=1000.0, read_only=True),
+    ParamSpec("status_rate_hz", 2.0, "rate of /vla/status and /diagnostics", "Hz", min=0.1, max=50.0, read_only=True),
+    ParamSpec("blend_policy", "replace", "how overlapping chunks combine", choices=POLICIES, read_only=True),
+    ParamSpec("crossfade_window_s", 0.1, "crossfade length", "s", min=0.0, max=5.0, read_only=True),
+    ParamSpec("ensemble_decay", 0.01, "ensemble weight exp(-decay*i), i=0 oldest", min=-10.0, max=10.0, read_only=True),
+    ParamSpec("max_chunk_age_s", 2.0, "chunks whose observation is older are ignored", "s", min=0.01, max=60.0, read_only=True),
+    ParamSpec("inference_mode", "continuous", "run inference on every new frame or only when the buffer runs low",
+              choices=("continuous", "threshold"), read_only=True),
+    ParamSpec("refill_threshold_s", 0.3, "threshold mode: infer when fewer seconds of actions remain", "s", min=0.0, max=60.0, read_only=True),
+    ParamSpec("max_consecutive_errors", 3, "engine errors in a row before the state becomes failed", min=1, max=1000, read_only=True),
+    ParamSpec("error_backoff_s", 1.0, "wait before retrying a failed engine", "s", min=0.0, max=600.0, read_only=True),
+    ParamSpec("max_linear_speed", 0.5, "clamp on the twist's linear speed (the vector is scaled, keeping its direction)",
+              "m/s", min=1e-6, max=10.0, read_only=True),
+    ParamSpec("max_angular_speed", 2.0, "clamp on the twist's angular speed (the vector is scaled, keeping its direction)",
+              "rad/s", min=1e-6, max=20.0, read_only=True),
+    ParamSpec("stale_image_timeout_s", 0.5, "hold when the newest frame is older than this", "s", min=0.01, max=60.0),
+    ParamSpec("use_header_stamp", True, "observation time from the image header (else arrival time)"),
+    ParamSpec("start_enabled", False, "follow the model without calling ~/enable first", read_only=True),
+    ParamSpec("gripper_mode", "identity", "gripper mapping g -> g | 2g-1 | sign(2g-1)", choices=GRIPPER_MODES, read_only=True),
+    ParamSpec("gripper_invert", False, "negate the mapped gripper command", read_only=True),
+    ParamSpec("publish_action_chunk", True, "publish each chunk on /vla/action_chunk (debug, recording)", read_only=True),
+]
+
+
+def build_controller(params: dict, engine, clock, on_chunk=None) -> VlaController:
+    """The controller for a parameter set (shared by the node and the in-process bringup)."""
+    buffer = ChunkBuffer(policy=params["blend_policy"], crossfade_window_s=params["crossfade_window_s"],
+                         ensemble_decay=params["ensemble_decay"], max_chunk_age_s=params["max_chunk_age_s"],
+                         control_period_s=1.0 / params["control_rate_hz"],
+                         mapping=ActionMapping(), clock=clock)
+    return VlaController(engine, buffer, clock=clock, stale_image_timeout_s=params["stale_image_timeout_s"],
+                         start_enabled=params["start_enabled"], gripper_mode=params["gripper_mode"],
+                         gripper_invert=params["gripper_invert"], max_linear_speed=params["max_linear_speed"],
+                         max_angular_speed=params["max_angular_speed"], on_chunk=on_chunk,
+                         worker_options={"mode": params["inference_mode"], "threshold_s": params["refill_threshold_s"],
+                                         "max_consecutive_errors": params["max_consecutive_errors"],
+                                         "backoff_s": params["error_backoff_s"]})
+
+
+def engine_from_params(params: dict):
+    from ..engines import create_engine
+
+    if not params["checkpoint"]:
+        raise ValueError("parameter 'checkpoint' is empty: set it to an OpenVLA checkpoint directory")
+    return create_engine(params["engine"], params["checkpoint"], device=params["device"], dtype=params["dtype"],
+                         unnorm_key=params["unnorm_key"] or None, center_crop=params["center_crop"],
+                         rotate_180=params["rotate_180"])
+
+
+def _make_node_class():
+    from diagnostic_msgs.msg import DiagnosticArray
+    from geometry_msgs.msg import TwistStamped
+    from rclpy.node import Node
+    from sensor_msgs.msg import CompressedImage, Image
+    from std_msgs.msg import Float64, String
+    from std_srvs.srv import SetBool, Trigger
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    from .ros_common import (diagnostic_array, diagnostic_level, latched_qos, node_seconds, seconds_to_stamp,
+                             sensor_qos, stamp_to_seconds)
+
+    class VlaNode(Node):
+        def __init__(self, engine=None, **node_kwargs):
+            super().__init__(NODE_NAME, **node_kwargs)
+            # Live dict: runtime changes of the writable parameters land here (and in _on_param).
+            self.params = declare_parameters(self, PARAMS, on_change=self._on_param)
+            p = self.params
+            self.engine = engine if engine is not None else engine_from_params(p)
+            clock = lambda: node_seconds(self)  # noqa: E731 - ROS time, so use_sim_time works
+            # Accepted chunks are queued by the worker thread and published by the control timer.
+            self._chunks_to_publish = collections.deque(maxlen=8)
+            self.controller = build_controller(p, self.engine, clock, on_chunk=self._on_chunk)
+            self.period = 1.0 / p["control_rate_hz"]
+            self.twist_pub = self.create_publisher(TwistStamped, p["twist_topic"], 10)
+            self.gripper_pub = self.create_publisher(Float64, p["gripper_topic"], 10)
+            self.chunk_pub = self.create_publisher(JointTrajectory, "/vla/action_chunk", 10) if p["publish_action_chunk"] else None
+            self.status_pub = self.create_publisher(DiagnosticArray, "/vla/status", 10)
+            self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+            if p["image_transport"] == "compressed":
+                self.create_subscription(CompressedImage, p["image_topic"].rstrip("/") + "/compressed", self._on_compressed, sensor_qos())
+            else:
+                self.create_subscription(Image, p["image_topic"], self._on_image, sensor_qos())
+            self.create_subscription(String, p["instruction_topic"], self._on_instruction, latched_qos())
+            self.create_service(SetBool, "~/enable", self._on_enable)
+            self.create_service(Trigger, "~/stop", self._on_stop)
+            self.create_timer(self.period, self._on_tick)
+            self.create_timer(1.0 / p["status_rate_hz"], self._on_status)
+            self._level = diagnostic_level(ok_states=(STATE_FOLLOWING,),
+                                           warn_states=(HOLD_DISABLED, HOLD_STOPPED, HOLD_NO_INSTRUCTION, HOLD_UNDERRUN))
+            self._trajectory_cls, self._point_cls = JointTrajectory, JointTrajectoryPoint
+            self._twist_cls, self._float_cls = TwistStamped, Float64
+            self._stamp_to_seconds, self._seconds_to_stamp = stamp_to_seconds, seconds_to_stamp
+            self.controller.start()
+            self.get_logger().info(f"vla_node ready: engine {self.engine.name}, {p['control_rate_hz']:.0f} Hz, "
+                                   f"{'enabled' if p['start_enabled'] else 'waiting for ~/enable'}")
+
+        # inputs
+        def _stamp_of(self, msg) -> float:
+            stamp = self._stamp_to_seconds(msg.header.stamp)
+            return stamp if self.params["use_header_stamp"] and stamp > 0 else node_seconds(self)
+
+        def _on_image(self, msg):
+            try:
+                rgb = image_fields_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
+            except ValueError as exc:
+                self.controller.on_bad_image(str(exc))
+                self.get_logger().error(f"dropping camera frame: {exc}", throttle_duration_sec=2.0)
+                return
+            self.controller.on_image(rgb, self._stamp_of(msg))
+
+        def _on_compressed(self, msg):
+            try:
+                rgb = decode_compressed_image(msg.format, msg.data)
+            except ValueError as exc:
+                self.controller.on_bad_image(str(exc))
+                self.get_logger().error(f"dropping compressed frame: {exc}", throttle_duration_sec=2.0)
+                return
+            self.controller.on_image(rgb, self._stamp_of(msg))
+
+        def _on_instruction(self, msg):
+            if self.controller.set_instruction(msg.data):
+                self.get_logger().info(f"instruction: {msg.data.strip()!r}")
+            else:
+                self.get_logger().error(f"ignoring empty instruction {msg.data!r}")
+
+        def _on_enable(self, request, response):
+            self.controller.set_enabled(request.data)
+            response.success, response.message = True, "enabled" if request.data else "disabled"
+            self.get_logger().info(response.message)
+            return response
+
+        def _on_stop(self, request, response):
+            self.controller.stop()
+            response.success, response.message = True, "stopped: buffer flushed, holding until ~/enable"
+            self.get_logger().warning(response.message)
+            return response
+
+        def _on_chunk(self, chunk, epoch, result):  # worker thread, after the buffer took or refused it
+            if result and self.chunk_pub is not None:
+                self._chunks_to_publish.append(chunk)
+
+        def _on_param(self, name, value):
+            if name == "stale_image_timeout_s":
+                self.controller.stale_image_timeout_s = value
+
+        # outputs
+        def _on_tick(self):
+            out = self.controller.tick(self.period)
+            msg = self._twist_cls()
+            msg.header.stamp = self.get_clock().now().to_msg()
+            msg.header.frame_id = self.params["base_frame"]
+            msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = (float(v) for v in out.linear)
+            msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = (float(v) for v in out.angular)
+            self.twist_pub.publish(msg)
+            if out.gripper is not None:
+                self.gripper_pub.publish(self._float_cls(data=float(out.gripper)))
+            while self._chunks_to_publish:  # empty unless publish_action_chunk
+                self.chunk_pub.publish(self._chunk_message(self._chunks_to_publish.popleft()))
+
+        def _chunk_message(self, chunk):
+            traj = self._trajectory_cls()
+            traj.header.stamp = self._seconds_to_stamp(max(0.0, chunk.stamp))
+            traj.header.frame_id = self.params["base_frame"]
+            traj.joint_names = list(chunk.dim_names)
+            for i, action in enumerate(chunk.actions):
+                point = self._point_cls(positions=[float(v) for v in action])
+                t = i * chunk.dt
+                point.time_from_start.sec = int(t)
+                point.time_from_start.nanosec = int(round((t - int(t)) * 1e9))
+                traj.points.append(point)
+            return traj
+
+        def _on_status(self):
+            status = self.controller.status()
+            for pub in (self.status_pub, self.diag_pub):
+                pub.publish(diagnostic_array(self, "openvla_ros: vla_node", status, level_of_state=self._level))
+
+        def close(self):
+            self.controller.shutdown()
+
+    return VlaNode
+
+
+def make_node(engine=None, **node_kwargs):
+    """Build the node (rclpy must be initialised). `engine` overrides the one built from parameters."""
+    return _make_node_class()(engine=engine, **node_kwargs)
+
+
+def main(args=None) -> int:
+    from .ros_common import spin_node
+
+    return spin_node(make_node, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
