@@ -5,6 +5,8 @@
     openvla-ros bench engine --checkpoint DIR [--json]
     openvla-ros eval bag --checkpoint DIR [DIR...] --bags PATH [PATH...] --out DIR [--truth-topic T]
     openvla-ros eval topics BAG
+    openvla-ros train (--checkpoint CKPT | --from-scratch) --data BAGS... --out DIR
+    openvla-ros bench ik|control [--json]
     openvla-ros demo
 
 Errors in user input exit with status 2 and one line naming the bad value.
@@ -168,6 +170,16 @@ def cmd_eval_topics(args) -> int:
     return 0
 
 
+def cmd_bench_ik(args) -> int:
+    from .sim.bench import bench_ik_and_camera
+
+    if args.steps < 1 or args.frames < 1:
+        raise ValueError(f"--steps and --frames must be >= 1, got {args.steps} and {args.frames}")
+    result = bench_ik_and_camera(args.steps, args.frames)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Until the full loop lands: a tiny checkpoint and one prediction on a generated scene."""
     from .engines.bench import synthetic_scene
@@ -248,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = evaluation.add_parser("topics", help="list a bag's topics, types and counts")
     p.add_argument("bag")
     p.set_defaults(func=cmd_eval_topics)
+
+    from .training.cli import add_train_arguments, run_from_args
+
+    p = sub.add_parser("train", help="fine-tune (LoRA or full) on recorded demonstrations; writes a checkpoint")
+    add_train_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+    p = bench.add_parser("ik", help="IK step and camera frame cost on the Panda")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_ik)
 
     p = sub.add_parser("demo", help="the quick-start demo")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")

@@ -1,6 +1,6 @@
 """Bring up the OpenVLA stack next to a real arm's driver: vla_node + ik_node.
 
-    ros2 launch openvla_ros vla.launch.py checkpoint:=/models/openvla-7b engine:=torch device:=cuda \
+    ros2 launch openvla_ros openvla_arm.launch.py checkpoint:=/models/openvla-7b engine:=torch device:=cuda \
         robot_config:=$(ros2 pkg prefix openvla_ros)/share/openvla_ros/config/robots/panda.yaml
 
 The arm's driver (ros2_control) must already publish /joint_states and run the controller that
@@ -15,6 +15,7 @@ from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 
 
 def generate_launch_description():
@@ -35,6 +36,9 @@ def generate_launch_description():
         DeclareLaunchArgument("use_ik_node", default_value="true",
                               description="false when MoveIt Servo consumes /vla/eef_delta instead"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock"),
+        DeclareLaunchArgument("image_topic", default_value="/camera/image_raw", description="camera topic"),
+        DeclareLaunchArgument("start_enabled", default_value="false",
+                              description="follow the model without calling /vla_node/enable first"),
     ]
     use_sim_time = LaunchConfiguration("use_sim_time")
     vla = Node(
@@ -45,12 +49,14 @@ def generate_launch_description():
             "device": LaunchConfiguration("device"),
             "dtype": LaunchConfiguration("dtype"),
             "unnorm_key": LaunchConfiguration("unnorm_key"),
-            "use_sim_time": use_sim_time,
+            "image_topic": LaunchConfiguration("image_topic"),
+            "start_enabled": ParameterValue(LaunchConfiguration("start_enabled"), value_type=bool),
+            "use_sim_time": ParameterValue(use_sim_time, value_type=bool),
         }],
     )
     ik = Node(
         package="openvla_ros", executable="ik_node", name="ik_node", output="screen",
         condition=IfCondition(LaunchConfiguration("use_ik_node")),
-        parameters=[LaunchConfiguration("ik_config"), LaunchConfiguration("robot_config"), {"use_sim_time": use_sim_time}],
+        parameters=[LaunchConfiguration("ik_config"), LaunchConfiguration("robot_config"), {"use_sim_time": ParameterValue(use_sim_time, value_type=bool)}],
     )
     return LaunchDescription(arguments + [vla, ik])

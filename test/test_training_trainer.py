@@ -1,0 +1,203 @@
+"""End-to-end fine-tuning on tiny checkpoints (openvla_ros.training.trainer / cli), on the CPU.
+
+A tiny model overfits a handful of bag frames and the exported checkpoint reproduces their actions
+through the unchanged TorchEngine; a stopped and resumed run repeats the uninterrupted one exactly;
+two gloo processes under torchrun give the weights of one process with the same global batch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from openvla_ros.engines.torch_engine import TorchEngine
+from openvla_ros.eval.bag_writer import BagWriter
+from openvla_ros.training.cli import add_train_arguments, config_from_args, train_main
+from openvla_ros.training.collate import ActionCollator, TrainSample
+from openvla_ros.training.data import EpisodeReadOptions
+from openvla_ros.training.objective import ActionObjective
+from openvla_ros.training.stats import stats_for
+from openvla_ros.training.trainer import DatasetConfig, TrainConfig, evaluate, run_training
+from openvla_ros.vla.checkpoint import Checkpoint
+
+INSTRUCTION = "reach the red cube"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_bags(tmp_path_factory):
+    """3 episodes x 4 frames: random images, random 7-D actions (gripper 0/1) on a Float64MultiArray topic."""
+    root = tmp_path_factory.mktemp("bags")
+    rng = np.random.default_rng(0)
+    frames = []
+    for e in range(3):
+        with BagWriter(root / f"ep{e}") as w:
+            w.write_string("/vla/instruction", 0.9, INSTRUCTION)
+            for t in range(4):
+                image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                action = np.concatenate([rng.uniform(-0.02, 0.02, 6), [float(t % 2)]])
+                w.write_image("/camera/image_raw", 1 + 0.2 * t, image)
+                w.write_float64_array("/act", 1 + 0.2 * t, action)
+                frames.append((e, image, action))
+    return root, frames
+
+
+def _dataset(root, episodes=None):
+    paths = [str(root / f"ep{e}") for e in episodes] if episodes is not None else [str(root)]
+    return DatasetConfig("demo", paths, read=EpisodeReadOptions(action_topic="/act"))
+
+
+def _weights(path):
+    return {k: v for f in sorted(Path(path).glob("model*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def _losses(log_path):
+    with open(log_path) as f:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_lora_fine_tune_overfits_and_the_engine_reproduces_the_actions(tmp_path, tiny_checkpoint, demo_bags):
+    root, frames = demo_bags
+    out = tmp_path / "run"
+    config = TrainConfig(out_dir=str(out), datasets=[_dataset(root)], base_checkpoint=str(tiny_checkpoint),
+                         steps=100, batch_size=4, lr=3e-3, lora_rank=16, train_parts=["projector"], augment=False,
+                         val_fraction=0.34, eval_every=50, progress=False, save_adapter=True)
+    result = run_training(config)
+    rows = list(csv.DictReader(open(result.log_path)))
+    assert len(rows) == 100
+    assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["loss"])
+    assert rows[49]["val_token_accuracy"] != "" and rows[10]["val_token_accuracy"] == ""  # validated every 50 steps
+    run = json.loads((out / "run_config.json").read_text())
+    val_episode = run["val_episodes"][0][0]
+    assert run["train_episodes"] == [[e for e in range(3) if e != val_episode]]
+    assert (out / "lora_adapter" / "adapter_config.json").exists()
+
+    # The exported checkpoint: statistics of the training episodes, loadable by the unchanged engine.
+    ckpt = Checkpoint.open(out)
+    assert ckpt.unnorm_keys == ["demo"] and ckpt.config.raw["openvla_ros_training"]["lora_rank"] == 16
+    train_actions = np.stack([a for e, _, a in frames if e != val_episode])
+    np.testing.assert_allclose(ckpt.action_stats("demo").q99, np.quantile(train_actions, 0.99, axis=0))
+    engine = TorchEngine(out)
+    stats = ckpt.action_stats("demo")
+    bin_width = np.where(stats.mask, (stats.q99 - stats.q01) / 255, 2 / 255)
+    samples = []
+    for e, image, action in frames:
+        if e == val_episode:
+            continue
+        chunk = engine.predict(image, INSTRUCTION)
+        target = stats.unnormalise(stats.normalise(action))  # q01/q99 clip the extremes, as in training
+        assert np.all(np.abs(chunk.actions[0] - target) <= bin_width * 0.51), (e, chunk.actions[0], target)
+        samples.append(TrainSample(image, INSTRUCTION, action[None], np.ones(1, bool), "demo"))
+    # Teacher-forced validation on the training frames through the exported weights: every token right.
+    collator = ActionCollator(ckpt, stats_for(ckpt.norm_stats), 1)
+    metrics = evaluate(ActionObjective(engine.model), collator, samples)
+    assert metrics["val_token_accuracy"] == 1.0
+    assert metrics["val_l1"] < np.max(np.abs(train_actions - stats.unnormalise(stats.normalise(train_actions)))) + bin_width.max()
+
+
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, tiny_checkpoint, demo_bags):
+    root, _ = demo_bags
+
+    def config(out, steps):
+        return TrainConfig(out_dir=str(out), datasets=[_dataset(root)], base_checkpoint=str(tiny_checkpoint),
+                           steps=steps, batch_size=2, grad_accum=2, lr=3e-3, lora_rank=4, lora_dropout=0.1,
+                           train_parts=["projector"], augment=True, val_fraction=0.0, save_every=2, progress=False,
+                           cache_dir=str(tmp_path / "cache"))
+
+    straight = run_training(config(tmp_path / "straight", 4))
+    run_training(config(tmp_path / "split", 2))
+    resumed = run_training(config(tmp_path / "split", 4))
+    assert resumed.steps == 4
+    assert _losses(resumed.log_path) == _losses(straight.log_path)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    # A changed configuration does not silently continue another run's state.
+    changed = config(tmp_path / "split", 6)
+    changed.lr = 1e-3
+    with pytest.raises(ValueError, match="different configuration"):
+        run_training(changed)
+
+
+def _scratch_args(root, out, *extra):
+    return ["--from-scratch", "--data", str(root), "--out", str(out), "--action-topic", "/act", "--steps", "3",
+            "--lr", "1e-3", "--val-fraction", "0", "--no-progress", "--seed", "5", *extra]
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, demo_bags):
+    root, _ = demo_bags
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+         "-m", "openvla_ros.training.cli", *_scratch_args(root, tmp_path / "ddp", "--batch-size", "2")],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert train_main(_scratch_args(root, tmp_path / "single", "--batch-size", "4")) == 0
+    assert train_main(_scratch_args(root, tmp_path / "accum", "--batch-size", "1", "--grad-accum", "4")) == 0
+    assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
+    single = _weights(tmp_path / "single")
+    init = _weights(tmp_path / "single" / "init_checkpoint")
+    moved = [n for n in single if not torch.equal(single[n], init[n])]
+    assert len(moved) > 0.5 * len(single)  # full fine-tuning from scratch changed most tensors
+    # Summation order differs between batch layouts (float noise ~1e-7 in gradients). Adam divides each
+    # gradient by its own running magnitude, so on a near-zero gradient that noise can move a weight by a
+    # small fraction of lr: allow 1% of lr per element (the updates themselves are up to 3 x lr).
+    lr = 1e-3
+    for other in ("ddp", "accum"):
+        weights = _weights(tmp_path / other)
+        for name in single:
+            torch.testing.assert_close(weights[name], single[name], rtol=0, atol=0.01 * lr, msg=f"{other}: {name}")
+        total = sum(v.numel() for v in single.values())
+        close = sum(int(((weights[n] - single[n]).abs() <= 1e-7).sum()) for n in single)
+        assert close >= 0.999 * total  # all but a few near-zero-gradient elements agree to float noise
+        assert [float(l) for _, l in _losses(tmp_path / other / "train_log.csv")] == pytest.approx(
+            [float(l) for _, l in _losses(tmp_path / "single" / "train_log.csv")], rel=1e-4)
+    # The checkpoint trained from scratch is a complete official-format directory.
+    assert TorchEngine(tmp_path / "ddp").predict(demo_bags[1][0][1], INSTRUCTION).actions.shape == (1, 7)
+
+
+def test_invalid_configurations_are_rejected(tmp_path, tiny_checkpoint, demo_bags):
+    root, _ = demo_bags
+    base = dict(out_dir=str(tmp_path / "x"), datasets=[_dataset(root)], base_checkpoint=str(tiny_checkpoint))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        TrainConfig(**base, quantize="4bit").validated()
+    with pytest.raises(ValueError, match="nothing to train"):
+        TrainConfig(**base, lora_rank=0).validated()
+    with pytest.raises(ValueError, match="exactly one of base_checkpoint and from_scratch"):
+        TrainConfig(**base, from_scratch=True, lora_rank=0, train_parts=["projector"]).validated()
+    with pytest.raises(ValueError, match="unknown train_parts"):
+        TrainConfig(**base, train_parts=["head"]).validated()
+    parser = add_train_arguments(__import__("argparse").ArgumentParser())
+    args = parser.parse_args(["--checkpoint", "B", "--data", "a", "b", "--data", "c", "--dataset-name", "x",
+                              "--dataset-name", "y", "--weight", "1", "--weight", "3", "--out", "O", "--full"])
+    cfg = config_from_args(args)
+    assert [(d.name, d.paths, d.weight) for d in cfg.datasets] == [("x", ["a", "b"], 1.0), ("y", ["c"], 3.0)]
+    assert cfg.lora_rank == 0 and cfg.train_parts == ["vision_backbone", "projector", "language_model"]
+    args = parser.parse_args(["--checkpoint", "B", "--data", "a", "--data", "c", "--weight", "2", "--out", "O"])
+    with pytest.raises(ValueError, match="2 --data groups need as many"):
+        config_from_args(args)
+
+
+def test_mixture_schedule_follows_weights_and_covers_each_dataset_per_epoch():
+    from openvla_ros.training.trainer import BatchSchedule
+
+    schedule = BatchSchedule([5, 20], [1.0, 3.0], seed=0)
+    cursors = [0, 0]
+    refs = [ref for step in range(200) for ref in schedule.batch(step, 10, cursors)]
+    share = np.mean([d for d, _ in refs])
+    assert abs(share - 0.75) < 0.03  # 2000 draws, weight 3 of 4
+    assert cursors == [sum(d == 0 for d, _ in refs), sum(d == 1 for d, _ in refs)]
+    first_epoch = [r for d, r in refs if d == 0][:5]
+    assert sorted(first_epoch) == list(range(5))  # each epoch is a permutation
+    again = BatchSchedule([5, 20], [1.0, 3.0], seed=0)
+    restart = list(cursors)
+    assert again.batch(200, 10, restart) == schedule.batch(200, 10, list(cursors))
