@@ -180,6 +180,16 @@ def cmd_bench_ik(args) -> int:
     return 0
 
 
+def cmd_bench_control(args) -> int:
+    from .nodes.bench_control import bench_control
+
+    progress = (lambda text: print(text, file=sys.stderr)) if args.json else print
+    result = bench_control(checkpoint=args.checkpoint, rate=args.rate, seconds=args.seconds,
+                           camera_hz=args.camera_hz, progress=progress)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Until the full loop lands: a tiny checkpoint and one prediction on a generated scene."""
     from .engines.bench import synthetic_scene
@@ -272,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=20)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_ik)
+
+    p = bench.add_parser("control", help="vla_node's command stream measured from another process")
+    p.add_argument("--rate", type=float, default=100.0, help="control rate [Hz]")
+    p.add_argument("--seconds", type=float, default=10.0, help="measuring window [s]")
+    p.add_argument("--camera-hz", type=float, default=30.0)
+    p.add_argument("--checkpoint", default=None, help="default: a tiny checkpoint made for the run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_control)
 
     p = sub.add_parser("demo", help="the quick-start demo")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")

@@ -79,39 +79,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-class SpinningNode:
-    """A node spun by its own SingleThreadedExecutor on a background thread."""
-
-    def __init__(self, node, context):
-        from rclpy.executors import SingleThreadedExecutor
-
-        self.node = node
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(node)
-        self.thread = threading.Thread(target=self._spin, name=f"spin-{node.get_name()}", daemon=True)
-        self.error: BaseException | None = None
-        self.thread.start()
-
-    def _spin(self):
-        from rclpy.executors import ExternalShutdownException
-
-        try:
-            self.executor.spin()
-        except ExternalShutdownException:
-            pass
-        except BaseException as exc:  # surfaced by stop(): a callback raised inside the executor
-            self.error = exc
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Shut the executor down, join the thread, destroy the node; re-raises a callback error."""
-        self.executor.shutdown(timeout_sec=timeout)
-        self.thread.join(timeout)
-        close = getattr(self.node, "close", None)
-        if close is not None:
-            close()
-        self.node.destroy_node()
-        if self.error is not None:
-            raise self.error
+from openvla_ros.nodes.ros_common import SpinningNode  # noqa: E402  (re-exported for tests)
 
 
 def spin_in_background(node, context) -> SpinningNode:
@@ -203,18 +171,12 @@ class Probe:
     # services ------------------------------------------------------------------------------
     def call(self, srv_type, name: str, request, timeout: float = 5.0):
         """Call a service and wait for the answer (raises AssertionError when none comes)."""
-        client = self.node.create_client(srv_type, name)
+        from openvla_ros.nodes.ros_common import call_service
+
         try:
-            if not client.wait_for_service(timeout_sec=timeout):
-                raise AssertionError(f"service {name} not available within {timeout} s")
-            done = threading.Event()
-            future = client.call_async(request)
-            future.add_done_callback(lambda _f: done.set())
-            if not done.wait(timeout):
-                raise AssertionError(f"service {name} gave no answer within {timeout} s")
-            return future.result()
-        finally:
-            self.node.destroy_client(client)
+            return call_service(self.node, srv_type, name, request, timeout)
+        except ValueError as exc:
+            raise AssertionError(str(exc)) from None
 
     def close(self) -> None:
         self.spinner.stop()

@@ -80,6 +80,61 @@ def diagnostic_level(ok_states=("ok",), warn_states=()):
     return level
 
 
+def call_service(node, srv_type, name: str, request, timeout: float = 10.0):
+    """Call a service from a node spun on another thread and wait for the answer (ValueError when none)."""
+    import threading
+
+    client = node.create_client(srv_type, name)
+    try:
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise ValueError(f"service {name} not available within {timeout} s")
+        done = threading.Event()
+        future = client.call_async(request)
+        future.add_done_callback(lambda _f: done.set())
+        if not done.wait(timeout):
+            raise ValueError(f"service {name} gave no answer within {timeout} s")
+        return future.result()
+    finally:
+        node.destroy_client(client)
+
+
+class SpinningNode:
+    """A node spun by its own SingleThreadedExecutor on a background thread."""
+
+    def __init__(self, node, context):
+        import threading
+
+        from rclpy.executors import SingleThreadedExecutor
+
+        self.node = node
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(node)
+        self.thread = threading.Thread(target=self._spin, name=f"spin-{node.get_name()}", daemon=True)
+        self.error: BaseException | None = None
+        self.thread.start()
+
+    def _spin(self):
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+        except BaseException as exc:  # surfaced by stop(): a callback raised inside the executor
+            self.error = exc
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Shut the executor down, join the thread, destroy the node; re-raises a callback error."""
+        self.executor.shutdown(timeout_sec=timeout)
+        self.thread.join(timeout)
+        close = getattr(self.node, "close", None)
+        if close is not None:
+            close()
+        self.node.destroy_node()
+        if self.error is not None:
+            raise self.error
+
+
 def spin_node(node_factory, args=None) -> int:
     """rclpy.init, build the node, spin a SingleThreadedExecutor until Ctrl-C / shutdown."""
     import rclpy
