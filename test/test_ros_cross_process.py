@@ -50,7 +50,6 @@ def test_cross_process_stream_stop_and_reset(tmp_path, tiny_checkpoint, monkeypa
             time.sleep(1.0)
             summary = summarise(*monitor.snapshot(), rate=100.0, t_start=t0, t_end=monitor.now())
             assert summary["achieved_rate_hz"] > 50, summary  # liveness, not a timing target
-            assert summary["moving_fraction"] > 0, summary  # underruns are possible on a loaded CPU
 
             # a new instruction starts a new buffer epoch (old plans flushed)
             epoch = int(wait_for(lambda: monitor.snapshot()[2].get("buffer.epoch"), 5))
