@@ -190,6 +190,15 @@ def cmd_bench_control(args) -> int:
     return 0
 
 
+def cmd_record(args) -> int:
+    """Run the recorder node until Ctrl-C; the same node `ros2 run openvla_ros recorder` starts."""
+    from .nodes.recorder import main as recorder_main
+
+    topics = "[" + ",".join(f"'{t}'" for t in args.topics) + "]"
+    return recorder_main(["--ros-args", "-p", f"topics:={topics}", "-p", f"out_dir:={args.out}",
+                          "-p", f"storage:={args.storage}", "-p", "start_recording:=true"])
+
+
 def cmd_demo(args) -> int:
     """Until the full loop lands: a tiny checkpoint and one prediction on a generated scene."""
     from .engines.bench import synthetic_scene
@@ -267,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--urdf", default=None, help="URDF for /joint_states ground truth")
     p.add_argument("--base-frame", default="panda_link0")
     p.add_argument("--tip-frame", default="panda_grasptarget")
+    from .nodes.replay import add_replay_parser
+
+    add_replay_parser(evaluation)
     p = evaluation.add_parser("topics", help="list a bag's topics, types and counts")
     p.add_argument("bag")
     p.set_defaults(func=cmd_eval_topics)
@@ -291,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_control)
 
+    p = sub.add_parser("record", help="record topics into rosbag2 episodes (the recorder node, started at once)")
+    p.add_argument("--topics", nargs="+", required=True, help="'name' or 'name:pkg/msg/Type'")
+    p.add_argument("--out", required=True, help="directory receiving one bag per episode")
+    p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
+    p.set_defaults(func=cmd_record)
+
     p = sub.add_parser("demo", help="the quick-start demo")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
@@ -303,7 +321,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:  # bad user input: one clear line, no traceback
+    except (ValueError, TimeoutError) as exc:  # bad user input or a graph that never came up: one line
         print(f"openvla-ros: error: {exc}", file=sys.stderr)
         return 2
 
