@@ -27,23 +27,49 @@ DEMO_DIR = Path("runs/demo")
 def _add_engine_options(parser: argparse.ArgumentParser, several_checkpoints: bool = False) -> None:
     from .engines import engine_names
 
+    from .engines.onnx_engine import add_onnx_options
+    from .engines.remote import add_remote_options
+    from .engines.tensorrt_engine import add_tensorrt_options
+
     if several_checkpoints:
         parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoint directories")
     else:
-        parser.add_argument("--checkpoint", required=True, help="checkpoint directory (official OpenVLA format)")
+        parser.add_argument("--checkpoint", default=None,
+                            help="checkpoint directory (official OpenVLA format); not needed with --engine remote")
     parser.add_argument("--engine", default="torch", choices=engine_names(), help="backend (default: torch)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--unnorm-key", default=None, help="dataset key of the statistics to un-normalise with")
     parser.add_argument("--center-crop", action="store_true", help="90%% area centre crop (augmentation-trained models)")
     parser.add_argument("--rotate-180", action="store_true", help="rotate the image 180 degrees (camera upside down)")
+    add_onnx_options(parser)
+    add_remote_options(parser)
+    add_tensorrt_options(parser)
 
 
-def _engine_from_args(args):
+def _engine_options(args) -> dict:
+    """create_engine keyword options for the chosen backend from the shared engine flags."""
+    from .engines.onnx_engine import onnx_options_from_args
+    from .engines.remote import remote_options_from_args
+
+    options = {"device": args.device, "dtype": args.dtype, "unnorm_key": args.unnorm_key,
+               "center_crop": args.center_crop, "rotate_180": args.rotate_180}
+    if args.engine == "onnx":
+        options.update(onnx_options_from_args(args))
+    elif args.engine == "remote":
+        options.update(remote_options_from_args(args))
+    elif args.engine == "tensorrt":
+        options["trt_dir"] = args.trt_dir
+    return options
+
+
+def _engine_from_args(args, checkpoint=None):
     from .engines import create_engine
 
-    return create_engine(args.engine, args.checkpoint, device=args.device, dtype=args.dtype,
-                         unnorm_key=args.unnorm_key, center_crop=args.center_crop, rotate_180=args.rotate_180)
+    checkpoint = checkpoint if checkpoint is not None else args.checkpoint
+    if checkpoint is None and args.engine != "remote":
+        raise ValueError(f"--checkpoint is required with --engine {args.engine}")
+    return create_engine(args.engine, checkpoint, **_engine_options(args))
 
 
 def load_image_file(path) -> "np.ndarray":
@@ -138,7 +164,6 @@ def _fk_from_args(args):
 
 
 def cmd_eval_bag(args) -> int:
-    from .engines import create_engine
     from .eval.bags import BagReadOptions
     from .eval.open_loop import EvalOptions, load_instruction_pairs, run_eval
     from .eval.report import comparison_markdown
@@ -153,8 +178,7 @@ def cmd_eval_bag(args) -> int:
                           instruction_pairs=load_instruction_pairs(args.instruction_pairs) if args.instruction_pairs else None)
 
     def engine_factory(checkpoint):
-        return create_engine(args.engine, checkpoint, device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key,
-                             center_crop=args.center_crop, rotate_180=args.rotate_180)
+        return _engine_from_args(args, checkpoint)
 
     rows = run_eval(engine_factory, args.checkpoint, args.bags, options, args.out)
     print(comparison_markdown(rows))
@@ -308,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory receiving one bag per episode")
     p.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
     p.set_defaults(func=cmd_record)
+
+    from .engines.onnx_export import add_export_onnx_parser
+    from .engines.server import add_serve_parser, cmd_serve
+    from .engines.tensorrt_engine import add_build_trt_parser
+
+    p = add_serve_parser(sub, _add_engine_options)
+    p.set_defaults(func=lambda a: cmd_serve(a, _engine_from_args(a)))
+    add_export_onnx_parser(sub.add_parser("export", help="export a checkpoint for another runtime")
+                           .add_subparsers(dest="export", required=True))
+    add_build_trt_parser(sub)
 
     p = sub.add_parser("demo", help="the quick-start demo")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")

@@ -16,8 +16,36 @@ def _torch(checkpoint, **options):
     return TorchEngine(checkpoint, **options)
 
 
+def _remote(checkpoint, **options):
+    from .remote import create_remote_engine
+
+    return create_remote_engine(checkpoint, **options)
+
+
+def _onnx(checkpoint, **options):
+    from .onnx_engine import create_onnx_engine
+
+    return create_onnx_engine(checkpoint, **options)
+
+
+def _bnb(bits):
+    def factory(checkpoint, **options):
+        from .bnb_engine import create_bnb_engine
+
+        return create_bnb_engine(bits)(checkpoint, **options)
+
+    return factory
+
+
+def _tensorrt(checkpoint, **options):
+    from .tensorrt_engine import create_tensorrt_engine
+
+    return create_tensorrt_engine(checkpoint, **options)
+
+
 # name -> factory(checkpoint_dir, **options). Later backends register here.
-ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {"torch": _torch}
+ENGINE_FACTORIES: dict[str, Callable[..., Engine]] = {"torch": _torch, "remote": _remote, "onnx": _onnx,
+                                                     "bnb4": _bnb(4), "bnb8": _bnb(8), "tensorrt": _tensorrt}
 
 
 def engine_names() -> list[str]:

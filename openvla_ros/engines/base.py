@@ -85,3 +85,21 @@ class Engine(Protocol):
     def info(self) -> dict:
         """Identity for reports and /info: engine name, checkpoint, dims, unnorm keys, device, dtype."""
         ...
+
+
+class PipelineBackedEngine:
+    """The Engine protocol's properties for local backends that hold an `OpenVLAPipeline` as `self.pipeline`."""
+
+    pipeline = None  # set by the backend's __init__
+
+    @property
+    def dim_names(self):
+        return self.pipeline.dim_names
+
+    @property
+    def dt(self) -> float:
+        return self.pipeline.dt
+
+    @property
+    def chunk_len(self) -> int:
+        return self.pipeline.chunk_len

@@ -15,7 +15,7 @@ import torch
 from ..vla.checkpoint import Checkpoint
 from ..vla.model import load_model
 from ..vla.pipeline import OpenVLAPipeline
-from .base import ActionChunk
+from .base import ActionChunk, PipelineBackedEngine
 from .llama_decode import LlamaGreedyDecoder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +37,7 @@ def check_device(device: str) -> str:
     raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda[:N]'")
 
 
-class TorchEngine:
+class TorchEngine(PipelineBackedEngine):
     """`Engine` backend running the checkpoint with PyTorch on CPU or CUDA."""
 
     name = "torch"
@@ -55,18 +55,6 @@ class TorchEngine:
         self._decoder: LlamaGreedyDecoder | None = None
 
     # Engine protocol -------------------------------------------------------------------------
-    @property
-    def dim_names(self):
-        return self.pipeline.dim_names
-
-    @property
-    def dt(self) -> float:
-        return self.pipeline.dt
-
-    @property
-    def chunk_len(self) -> int:
-        return self.pipeline.chunk_len
-
     def info(self) -> dict:
         return {"engine": self.name, "device": self.device, "dtype": self.dtype_name, **self.pipeline.info()}
 
