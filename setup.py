@@ -8,6 +8,8 @@ PACKAGE = "openvla_ros"
 # Each ROS node is also a console script so `ros2 run openvla_ros <node>` and launch files find it.
 NODE_SCRIPTS = [
     "vla_node = openvla_ros.nodes.vla_node:main",
+    "ik_node = openvla_ros.nodes.ik_node:main",
+    "sim_node = openvla_ros.nodes.sim_node:main",
     "bag_player = openvla_ros.nodes.bag_player:main",
     "recorder = openvla_ros.nodes.recorder:main",
 ]

@@ -223,6 +223,12 @@ def cmd_record(args) -> int:
                           "-p", f"storage:={args.storage}", "-p", "start_recording:=true"])
 
 
+def cmd_bringup(args) -> int:
+    from .nodes.bringup import run_from_args
+
+    return run_from_args(args)
+
+
 def cmd_demo(args) -> int:
     """Until the full loop lands: a tiny checkpoint and one prediction on a generated scene."""
     from .engines.bench import synthetic_scene
@@ -342,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_onnx_parser(sub.add_parser("export", help="export a checkpoint for another runtime")
                            .add_subparsers(dest="export", required=True))
     add_build_trt_parser(sub)
+
+    from .nodes.bringup import build_parser as build_bringup_parser
+
+    p = build_bringup_parser(sub.add_parser("bringup", help="run several nodes in one process with the launch files' parameter files"))
+    p.set_defaults(func=cmd_bringup)
 
     p = sub.add_parser("demo", help="the quick-start demo")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")

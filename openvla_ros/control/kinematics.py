@@ -340,6 +340,11 @@ class ArmKinematics:
     def singularity_thresholds(self) -> tuple[float, float]:
         return self._sing_lower, self._sing_hard
 
+    @property
+    def twist_frame(self) -> str:
+        """Axes of the twists `step` expects by default: "base" (base_frame) or "tool" (tip_frame)."""
+        return self._twist_frame
+
     # ---- kinematics ----------------------------------------------------------------------
     def validate_q(self, q: Any) -> np.ndarray:
         return _finite_vector("joint positions q", q, self._n)

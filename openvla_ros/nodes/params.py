@@ -22,6 +22,16 @@ class ParamSpec:
     max: float | None = None
     choices: tuple | None = None
     read_only: bool = False
+    # Element type of a list parameter. Needed when the default is empty (e.g. "[] = take the
+    # URDF's limits"): ROS types an empty list as a string array otherwise, and a YAML list of
+    # floats would then be rejected.
+    item_type: type | None = None
+
+    @property
+    def list_item_type(self) -> type:
+        if self.item_type is not None:
+            return self.item_type
+        return type(self.default[0]) if self.default else str
 
     @property
     def type(self) -> type:
@@ -41,6 +51,13 @@ class ParamSpec:
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"parameter {self.name!r}: expected a list, got {value!r}")
             value = list(value)
+            item = self.list_item_type
+            if item is float:
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                    raise ValueError(f"parameter {self.name!r}: expected a list of finite numbers, got {value!r}")
+                value = [float(v) for v in value]
+            elif not all(isinstance(v, item) for v in value):
+                raise ValueError(f"parameter {self.name!r}: expected a list of {item.__name__}, got {value!r}")
         elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
             raise ValueError(f"parameter {self.name!r}: expected {expected.__name__}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
@@ -106,8 +123,8 @@ def declare_parameters(node, specs: Sequence[ParamSpec],
                 descriptor.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
         try:
             if spec.type is list:
-                ptype = (Parameter.Type.STRING_ARRAY if not spec.default or isinstance(spec.default[0], str)
-                         else Parameter.Type.DOUBLE_ARRAY)
+                ptype = {str: Parameter.Type.STRING_ARRAY, float: Parameter.Type.DOUBLE_ARRAY,
+                         int: Parameter.Type.INTEGER_ARRAY, bool: Parameter.Type.BOOL_ARRAY}[spec.list_item_type]
                 param = node.declare_parameter(spec.name, spec.default if spec.default else ptype, descriptor)
             else:
                 param = node.declare_parameter(spec.name, spec.default, descriptor)

@@ -358,6 +358,28 @@ class PandaScene:
     def is_success(self, target: str, radius: float = SUCCESS_RADIUS_M) -> bool:
         return self.distance_to(target) <= radius
 
+    # ---- pose state (what a camera sees) --------------------------------------------------
+    def pose_state(self) -> dict:
+        """Joint positions (arm + fingers) and cube poses: enough to redraw the scene elsewhere."""
+        _, positions, _ = self.joint_state()
+        cubes = {}
+        for colour, body in self._cube_ids.items():
+            pos, quat = self._pb(pybullet.getBasePositionAndOrientation, body)
+            cubes[colour] = (tuple(pos), tuple(quat))
+        return {"joints": positions.tolist(), "cubes": cubes}
+
+    def set_pose_state(self, state: dict) -> None:
+        """Place the arm and cubes as in `pose_state()` of another scene (no physics; for rendering)."""
+        joints = state["joints"]
+        idx = self._arm + self._fingers
+        if len(joints) != len(idx):
+            raise ValueError(f"pose state needs {len(idx)} joint positions, got {len(joints)}")
+        for j, q in zip(idx, joints):
+            self._pb(pybullet.resetJointState, self._robot, j, float(q))
+        for colour, (pos, quat) in state["cubes"].items():
+            _check_colour(colour)
+            self._pb(pybullet.resetBasePositionAndOrientation, self._cube_ids[colour], list(pos), list(quat))
+
     # ---- camera --------------------------------------------------------------------------
     def render(self) -> np.ndarray:
         """RGB image (height, width, 3) uint8 from the configured camera (CPU tiny renderer)."""
