@@ -300,7 +300,7 @@ def test_new_instruction_discards_the_chunk_in_flight_for_the_old_one(torch_engi
     epoch = ctrl.buffer.epoch
     assert ctrl.set_instruction(OTHER_INSTRUCTION)
     assert ctrl.buffer.epoch == epoch + 1
-    assert ctrl.set_instruction(OTHER_INSTRUCTION) and ctrl.buffer.epoch == epoch + 1  # same text: no flush
+    assert ctrl.set_instruction(OTHER_INSTRUCTION) and ctrl.buffer.epoch == epoch + 2  # repeated text: a new start, flushed too
     engine.gate.set()
     assert wait_until(lambda: ctrl.buffer.status()["rejected_by_reason"].get("stale_epoch") == 1)
     clock.advance(0.02)

@@ -160,16 +160,15 @@ class VlaController:
 
     # inputs -----------------------------------------------------------------------------
     def set_instruction(self, text) -> bool:
-        """A new instruction flushes the plan made for the old one. Empty text is refused (False)."""
+        """Every instruction message starts the task afresh: the plan made so far is flushed, even when
+        the text repeats (a new episode, or the operator re-issuing a command). Empty text is refused (False)."""
         if not isinstance(text, str) or not text.strip():
             self.counters.bad_instructions += 1
             self.last_error = f"ignored empty instruction {text!r}"
             logger.warning(self.last_error)
             return False
-        text = text.strip()
-        if text != self.instruction:
-            self.instruction = text
-            self.buffer.reset()
+        self.instruction = text.strip()
+        self.buffer.reset()
         self.counters.instructions += 1
         return True
 
