@@ -230,7 +230,21 @@ def cmd_bringup(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Until the full loop lands: a tiny checkpoint and one prediction on a generated scene."""
+    """The quick demo (a tiny checkpoint, one prediction on a generated scene), or with --loop the
+    whole workflow: record -> fine-tune -> evaluate -> closed loop (openvla_ros.demo, work in progress)."""
+    if args.loop:
+        from .demo import STEPS, run_demo
+
+        overrides = {}
+        if args.episodes is not None:
+            overrides["episodes"] = args.episodes
+        if args.steps is not None:
+            overrides["steps"] = args.steps
+        out = args.out if args.out != str(DEMO_DIR) else str(DEMO_DIR / "loop")
+        summary = run_demo(out, redo=args.redo or (), resume=not args.no_resume, **overrides)
+        print(json.dumps({k: summary.get(k) for k in ("closed_loop_success_rate", "run_dir") if k in summary}))
+        print(f"[demo] everything is under {out} (summary.json, report.md); steps: {', '.join(STEPS)}")
+        return 0
     from .engines.bench import synthetic_scene
     from .engines.torch_engine import TorchEngine
     from .vla.tiny import write_tiny_checkpoint
@@ -357,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the quick-start demo")
     p.add_argument("--out", default=str(DEMO_DIR), help=f"run directory (default: {DEMO_DIR})")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
+    p.add_argument("--loop", action="store_true",
+                   help="the whole workflow in simulation: record, fine-tune, evaluate, closed loop (minutes)")
+    p.add_argument("--episodes", type=int, default=None, help="--loop: demonstrations to record")
+    p.add_argument("--steps", type=int, default=None, help="--loop: training steps")
+    p.add_argument("--redo", nargs="+", default=None, help="--loop: steps to run again even when finished")
+    p.add_argument("--no-resume", action="store_true", help="--loop: redo every step")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -65,17 +65,20 @@ def write_predictions_csv(result, path: str | Path) -> Path:
     return path
 
 
-def _json_ready(value):
+def json_ready(value):
+    """`value` with numpy scalars/arrays, Paths and non-finite floats (-> None) made JSON-serialisable."""
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
+        return json_ready(value.tolist())
     if isinstance(value, (np.floating, float)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, Path):
         return str(value)
     return value
@@ -83,7 +86,7 @@ def _json_ready(value):
 
 def write_summary_json(summary: dict, path: str | Path) -> Path:
     path = Path(path)
-    path.write_text(json.dumps(_json_ready(summary), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(json_ready(summary), indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return path
 
 
@@ -243,5 +246,5 @@ def write_comparison(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Pat
     md = out_dir / COMPARISON_MD
     md.write_text("# Comparison\n\n" + comparison_markdown(rows), encoding="utf-8")
     js = out_dir / COMPARISON_JSON
-    js.write_text(json.dumps(_json_ready(list(rows)), indent=2) + "\n", encoding="utf-8")
+    js.write_text(json.dumps(json_ready(list(rows)), indent=2) + "\n", encoding="utf-8")
     return {"markdown": md, "json": js}

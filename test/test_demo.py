@@ -1,0 +1,140 @@
+"""The demo loop end to end in miniature: every artefact is produced, loadable and consistent; steps resume."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openvla_ros import demo
+from openvla_ros.demo import DONE_FILE, STEPS, DemoConfig, run_demo, step_inputs
+
+TINY = dict(episodes=3, held_out=1, eval_episodes=1, steps=2, batch_size=2, episode_seconds=1.6,
+            sensitivity_frames=2, chunk=2, augment=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    summary = run_demo(run_dir, progress=False, **TINY)
+    return run_dir, summary
+
+
+def test_recorded_bags_hold_every_topic_and_the_expert_action(tiny_run):
+    from openvla_ros.eval.bags import BagReadOptions, list_topics, read_frames
+    from openvla_ros.sim.scene import instruction_for, target_for_seed
+
+    run_dir, _ = tiny_run
+    record = json.loads((run_dir / "record" / DONE_FILE).read_text())["result"]
+    assert len(record["episodes"]) == 3 and len(record["train_bags"]) == 2 and len(record["held_out_bags"]) == 1
+    episode = record["episodes"][0]
+    topics = {t.name: t.msgtype for t in list_topics(episode["bag"])}
+    assert topics == {demo.TOPIC_IMAGE: "sensor_msgs/msg/Image", demo.TOPIC_INSTRUCTION: "std_msgs/msg/String",
+                      demo.TOPIC_TWIST: "geometry_msgs/msg/TwistStamped", demo.TOPIC_GRIPPER: "std_msgs/msg/Float64",
+                      demo.TOPIC_TIP_POSE: "geometry_msgs/msg/PoseStamped",
+                      demo.TOPIC_JOINT_STATES: "sensor_msgs/msg/JointState"}
+    frames = read_frames(episode["bag"], BagReadOptions(truth_topic=demo.TOPIC_TWIST, image_topic=demo.TOPIC_IMAGE,
+                                                       gripper_topic=demo.TOPIC_GRIPPER))
+    assert len(frames) == episode["frames"] >= 1
+    seed = demo.record_seed(DemoConfig(**TINY), 0)
+    assert episode["instruction"] == instruction_for(target_for_seed(seed))
+    first = next(iter(frames))
+    assert first.image.shape == (224, 224, 3) and first.instruction == episode["instruction"]
+    # The first recorded action is the expert's from the rest posture: a capped step (4 cm per
+    # period) with zero rotation and an open gripper.
+    assert np.linalg.norm(first.truth[:3]) == pytest.approx(0.04, abs=1e-9)
+    assert np.allclose(first.truth[3:6], 0.0) and first.truth[6] == 1.0
+
+
+def test_trained_checkpoint_loads_and_predicts_a_chunk(tiny_run):
+    run_dir, summary = tiny_run
+    train = json.loads((run_dir / "train" / DONE_FILE).read_text())["result"]
+    assert train["steps"] == 2 and math.isfinite(train["final_loss"])
+    config = json.loads((Path(train["checkpoint"]) / "config.json").read_text())
+    assert config["openvla_ros_training"]["center_crop_at_inference"] is True
+    engine = demo.make_engine(train["checkpoint"], center_crop=train["center_crop"])
+    chunk = engine.predict(np.zeros((224, 224, 3), np.uint8), "reach the red cube", stamp=3.0)
+    assert chunk.actions.shape == (2, 7) and chunk.is_finite and chunk.stamp == 3.0 and chunk.dt == 0.2
+
+
+def test_open_loop_reports_exist_per_held_out_bag(tiny_run):
+    run_dir, summary = tiny_run
+    result = json.loads((run_dir / "open_loop" / DONE_FILE).read_text())["result"]
+    assert len(result["bags"]) == 1
+    bag_dir = Path(result["bags"][0]["dir"])
+    bag_summary = json.loads((bag_dir / "summary.json").read_text())
+    assert bag_summary["frames"] == result["frames"] >= 1
+    pairs = bag_summary["instruction_sensitivity"]["pairs"]
+    assert {pairs[0]["a"], pairs[0]["b"]} == {"reach the red cube", "reach the blue cube"}
+    assert pairs[0]["frames"] == min(2, bag_summary["frames"])
+    assert (bag_dir / "report.md").is_file() and (bag_dir / "predictions.csv").is_file()
+    assert summary["open_loop"]["l2_mean"] == pytest.approx(result["l2_mean"])
+
+
+def test_closed_loop_episodes_and_summary(tiny_run):
+    run_dir, summary = tiny_run
+    episodes = json.loads((run_dir / "closed_loop" / "episodes.json").read_text())
+    assert set(episodes) == set(demo.POLICY_ORDER)
+    seed = demo.eval_seed(DemoConfig(**TINY), 0)
+    model, swapped = episodes[demo.POLICY_MODEL][0], episodes[demo.POLICY_SWAPPED][0]
+    assert model["seed"] == swapped["seed"] == seed and model["target"] != swapped["target"]
+    # 1.6 s at 100 Hz, unless the target was reached at a check.
+    assert model["ticks"] == 160 or model["success"]
+    # The model ran every replan period (0.2 s); the path has one point per check.
+    assert model["calls"] == math.ceil(model["ticks"] / 20)
+    assert len(model["tip_path"]) == model["ticks"] // 20 + 1
+    # The arm moved: the IK integrated the model's twists into joint motion.
+    path = np.array(model["tip_path"])
+    assert np.linalg.norm(path[-1] - path[0]) > 1e-3
+    for key in ("closed_loop_success_rate", "blind_baseline_success_rate", "mean_target_baseline_success_rate",
+                "expert_success_rate", "swapped_instruction_success_rate", "control_rate_hz", "inference_latency_ms"):
+        assert key in summary
+    assert summary["control_rate_hz"] == 100.0
+    assert summary["closed_loop_success_rate"] == float(model["success"])
+    assert summary["inference_latency_ms"]["count"] == model["calls"]
+    # The scripted expert reaches within 1.6 s only when the cube is close; its rate is 0 or 1 here.
+    assert summary["expert_success_rate"] == float(episodes[demo.POLICY_EXPERT][0]["success"])
+
+
+def test_report_and_plots_are_written(tiny_run):
+    run_dir, summary = tiny_run
+    report = (run_dir / "report.md").read_text()
+    assert "closed-loop success" in report
+    for png in ("closed_loop_success.png", "training_loss.png", "tip_paths.png"):
+        data = (run_dir / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png}" in report
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+
+
+def test_finished_steps_are_skipped_and_changed_ones_redone(tiny_run, capsys):
+    run_dir, summary = tiny_run
+    before = {s: (run_dir / s / DONE_FILE).stat().st_mtime_ns for s in STEPS[:-1]}
+    again = run_demo(run_dir, progress=True, **TINY)
+    err = capsys.readouterr().err
+    for step in STEPS[:-1]:
+        assert f"step {step}: already done" in err
+        assert (run_dir / step / DONE_FILE).stat().st_mtime_ns == before[step]
+    assert again["closed_loop_success_rate"] == summary["closed_loop_success_rate"]
+    # Asking for one more closed-loop policy set changes only the closed-loop inputs.
+    changed = run_demo(run_dir, progress=True, **{**TINY, "policies": (demo.POLICY_EXPERT,)})
+    err = capsys.readouterr().err
+    assert "step closed_loop: running" in err and "step train: already done" in err
+    assert set(changed["closed_loop"]) == {demo.POLICY_EXPERT} and changed["closed_loop_success_rate"] is None
+
+
+def test_step_inputs_chain_and_validation():
+    base = step_inputs(DemoConfig())
+    more_steps = step_inputs(DemoConfig(steps=7))
+    assert base["record"] == more_steps["record"]
+    assert base["train"] != more_steps["train"] and base["closed_loop"] != more_steps["closed_loop"]
+    with pytest.raises(ValueError, match="held_out"):
+        DemoConfig(episodes=3, held_out=3).validated()
+    with pytest.raises(ValueError, match="policies"):
+        DemoConfig(policies=("oracle",)).validated()
+    with pytest.raises(ValueError, match="sim_latency_s"):
+        DemoConfig(sim_latency_s=float("nan")).validated()
+    with pytest.raises(ValueError, match="unknown steps"):
+        run_demo("/nonexistent/never", redo=("fly",))
