@@ -209,7 +209,8 @@ def cmd_bench_control(args) -> int:
 
     progress = (lambda text: print(text, file=sys.stderr)) if args.json else print
     result = bench_control(checkpoint=args.checkpoint, rate=args.rate, seconds=args.seconds,
-                           camera_hz=args.camera_hz, progress=progress)
+                           camera_hz=args.camera_hz, progress=progress,
+                           node_params={"inference_process": True} if args.inference_process else None)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="measuring window [s]")
     p.add_argument("--camera-hz", type=float, default=30.0)
     p.add_argument("--checkpoint", default=None, help="default: a tiny checkpoint made for the run")
+    p.add_argument("--inference-process", action="store_true", help="vla_node's inference_process: engine in a child process")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_control)
 

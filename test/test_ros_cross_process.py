@@ -69,3 +69,28 @@ def test_cross_process_stream_stop_and_reset(tmp_path, tiny_checkpoint, monkeypa
         if monitor is not None:
             monitor.close()
         rclpy.shutdown(context=context)
+
+
+def test_engine_in_a_child_process_feeds_the_stream(tmp_path, tiny_checkpoint, monkeypatch):
+    """inference_process: the engine runs in vla_node's child process; chunks and motion still arrive."""
+    import rclpy
+
+    env = isolated_ros_env(domain_id=100 + (int(time.time()) % 50))
+    env["ROS_LOG_DIR"] = str(tmp_path)
+    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR"):
+        monkeypatch.setenv(key, env[key])
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    monitor = None
+    try:
+        params = {"checkpoint": tiny_checkpoint, "start_enabled": True, "inference_process": True}
+        with VlaNodeProcess(params, env, tmp_path / "vla_node.log") as node:
+            monitor = StreamMonitor(context, camera_hz=20.0)
+            monitor.send_instruction("reach the red cube")
+            assert wait_for(lambda: len(monitor.snapshot()[1]) >= 3, 90), node.log()[-3000:]
+            assert wait_for(lambda: any(t[2] > 0 for t in monitor.snapshot()[0]), 10)
+            assert node.alive()
+    finally:
+        if monitor is not None:
+            monitor.close()
+        rclpy.shutdown(context=context)

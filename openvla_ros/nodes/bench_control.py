@@ -197,7 +197,8 @@ def summarise(twists, chunks, status, rate: float, t_start: float, t_end: float)
 
 
 def bench_control(*, checkpoint=None, rate: float = 100.0, seconds: float = 10.0, camera_hz: float = 30.0,
-                  warmup_s: float = 2.0, startup_timeout_s: float = 90.0, progress=print) -> dict:
+                  warmup_s: float = 2.0, startup_timeout_s: float = 90.0, node_params: dict | None = None,
+                  progress=print) -> dict:
     import rclpy
 
     if not (rate > 0 and seconds > 0 and camera_hz > 0):
@@ -215,7 +216,7 @@ def bench_control(*, checkpoint=None, rate: float = 100.0, seconds: float = 10.0
         rclpy.init(context=context)
         monitor = None
         try:
-            params = {"checkpoint": checkpoint, "start_enabled": True, "control_rate_hz": float(rate)}
+            params = {"checkpoint": checkpoint, "start_enabled": True, "control_rate_hz": float(rate), **(node_params or {})}
             with VlaNodeProcess(params, env, Path(tmp) / "vla_node.log") as node:
                 monitor = StreamMonitor(context, camera_hz=camera_hz)
                 monitor.send_instruction("reach the red cube")
@@ -242,4 +243,6 @@ def bench_control(*, checkpoint=None, rate: float = 100.0, seconds: float = 10.0
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        return summarise(twists, chunks, status, rate, t_start, t_end)
+        result = summarise(twists, chunks, status, rate, t_start, t_end)
+        result["node_params"] = dict(node_params or {})
+        return result

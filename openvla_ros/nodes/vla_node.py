@@ -52,6 +52,8 @@ PARAMS = [
     ParamSpec("start_enabled", False, "follow the model without calling ~/enable first", read_only=True),
     ParamSpec("gripper_mode", "identity", "gripper mapping g -> g | 2g-1 | sign(2g-1)", choices=GRIPPER_MODES, read_only=True),
     ParamSpec("gripper_invert", False, "negate the mapped gripper command", read_only=True),
+    ParamSpec("inference_process", False, "run the engine in a child process, so its Python work (preprocessing, "
+              "decode loop) never competes with the control timer for the GIL", read_only=True),
     ParamSpec("publish_action_chunk", True, "publish each chunk on /vla/action_chunk (debug, recording)", read_only=True),
 ]
 
@@ -68,17 +70,23 @@ def build_controller(params: dict, engine, clock, on_chunk=None) -> VlaControlle
                          max_angular_speed=params["max_angular_speed"], on_chunk=on_chunk,
                          worker_options={"mode": params["inference_mode"], "threshold_s": params["refill_threshold_s"],
                                          "max_consecutive_errors": params["max_consecutive_errors"],
-                                         "backoff_s": params["error_backoff_s"]})
+                                         "backoff_s": params["error_backoff_s"],
+                                         "use_process": params["inference_process"]})
 
 
 def engine_from_params(params: dict):
+    """The engine the parameters name, or with `inference_process` a picklable factory the worker's
+    child process calls."""
+    import functools
+
     from ..engines import create_engine
 
     if not params["checkpoint"]:
         raise ValueError("parameter 'checkpoint' is empty: set it to an OpenVLA checkpoint directory")
-    return create_engine(params["engine"], params["checkpoint"], device=params["device"], dtype=params["dtype"],
-                         unnorm_key=params["unnorm_key"] or None, center_crop=params["center_crop"],
-                         rotate_180=params["rotate_180"])
+    factory = functools.partial(create_engine, params["engine"], params["checkpoint"], device=params["device"],
+                                dtype=params["dtype"], unnorm_key=params["unnorm_key"] or None,
+                                center_crop=params["center_crop"], rotate_180=params["rotate_180"])
+    return factory if params["inference_process"] else factory()
 
 
 def _make_node_class():
@@ -99,11 +107,15 @@ def _make_node_class():
             # Live dict: runtime changes of the writable parameters land here (and in _on_param).
             self.params = declare_parameters(self, PARAMS, on_change=self._on_param)
             p = self.params
-            self.engine = engine if engine is not None else engine_from_params(p)
+            if engine is not None and p["inference_process"]:
+                raise ValueError("parameter 'inference_process' needs the engine built from parameters, "
+                                 "not an engine object passed in")
+            engine = engine if engine is not None else engine_from_params(p)
             clock = lambda: node_seconds(self)  # noqa: E731 - ROS time, so use_sim_time works
             # Accepted chunks are queued by the worker thread and published by the control timer.
             self._chunks_to_publish = collections.deque(maxlen=8)
-            self.controller = build_controller(p, self.engine, clock, on_chunk=self._on_chunk)
+            self.controller = build_controller(p, engine, clock, on_chunk=self._on_chunk)
+            self.engine = self.controller.worker.engine  # the engine, or its proxy in the child process
             self.period = 1.0 / p["control_rate_hz"]
             self.twist_pub = self.create_publisher(TwistStamped, p["twist_topic"], 10)
             self.gripper_pub = self.create_publisher(Float64, p["gripper_topic"], 10)
