@@ -7,6 +7,7 @@
     openvla-ros eval topics BAG
     openvla-ros train (--checkpoint CKPT | --from-scratch) --data BAGS... --out DIR
     openvla-ros bench ik|control [--json]
+    openvla-ros sim --task reach-cube --seconds N [--checkpoint DIR]
     openvla-ros demo
 
 Errors in user input exit with status 2 and one line naming the bad value.
@@ -364,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_onnx_parser(sub.add_parser("export", help="export a checkpoint for another runtime")
                            .add_subparsers(dest="export", required=True))
     add_build_trt_parser(sub)
+
+    from .nodes.sim_run import add_sim_parser
+
+    add_sim_parser(sub)
 
     from .nodes.bringup import build_parser as build_bringup_parser
 

@@ -140,6 +140,11 @@ class Bringup:
     def __getitem__(self, name: str):
         return self.nodes[name]
 
+    @property
+    def context(self):
+        """The rclpy Context the nodes run in (after start()); other nodes of the caller can join it."""
+        return self._context
+
     def start(self) -> "Bringup":
         import rclpy
         from rclpy.parameter import Parameter

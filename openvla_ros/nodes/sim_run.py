@@ -1,0 +1,121 @@
+"""`openvla-ros sim`: the simulated Panda cell in one process, driven by a model or the scripted expert.
+
+    openvla-ros sim --task reach-cube --seconds 20 [--checkpoint DIR] [--seed N]
+
+Starts sim_node + ik_node (+ vla_node when a checkpoint is given) with config/sim_bringup.yaml, the
+file `ros2 launch openvla_ros sim.launch.py` uses. Without a checkpoint a small node publishes the
+scripted expert's end-effector deltas as TwistStamped on /vla/eef_delta, exactly where vla_node
+would, so the arm moves through ik_node either way. Prints the distance to the target once a second
+and a JSON summary at the end.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+TASKS = ("reach-cube",)
+EXPERT_RATE_HZ = 100.0
+
+
+def config_dir() -> Path:
+    """config/ of the source tree (editable install) or of the installed ROS package share."""
+    source = Path(__file__).resolve().parents[2] / "config"
+    if source.is_dir():
+        return source
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return Path(get_package_share_directory("openvla_ros")) / "config"
+    except Exception:  # no ament index here (pip install without the source tree)
+        raise ValueError(f"cannot find the openvla_ros config directory (looked in {source})") from None
+
+
+def make_expert_node(context, sim_node, base_frame: str):
+    """A node publishing the scripted expert's twist (delta / control period) from sim_node's state."""
+    import rclpy
+    from geometry_msgs.msg import TwistStamped
+
+    from ..sim.expert import ReachExpert
+
+    expert = ReachExpert()
+    node = rclpy.create_node("scripted_expert", context=context)
+    pub = node.create_publisher(TwistStamped, "/vla/eef_delta", 10)
+
+    def tick():
+        snap = sim_node.snapshot()
+        if snap is None:
+            return
+        action = expert.action(snap.tip_position, snap.cube_positions[snap.target])
+        msg = TwistStamped()
+        msg.header.stamp = node.get_clock().now().to_msg()
+        msg.header.frame_id = base_frame
+        msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = (float(v) / expert.control_period_s for v in action[:3])
+        pub.publish(msg)
+
+    node.create_timer(1.0 / EXPERT_RATE_HZ, tick)
+    return node
+
+
+def run_sim(*, task: str = "reach-cube", seconds: float = 20.0, checkpoint=None, seed: int | None = None,
+            progress=print) -> dict:
+    from .bringup import Bringup
+    from .ros_common import SpinningNode
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+    if not seconds > 0:
+        raise ValueError(f"--seconds must be > 0, got {seconds}")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise ValueError(f"checkpoint directory {checkpoint} does not exist")
+    nodes = ["sim_node", "ik_node"] + (["vla_node"] if checkpoint else [])
+    overrides = {"sim_node": {"seed": seed} if seed is not None else {}}
+    if checkpoint:
+        overrides["vla_node"] = {"checkpoint": str(checkpoint)}
+    bringup = Bringup.from_file(config_dir() / "sim_bringup.yaml", overrides=overrides, nodes=nodes)
+    expert_spinner = None
+    with bringup:
+        sim = bringup["sim_node"]
+        ik = bringup["ik_node"]
+        if not checkpoint:
+            expert = make_expert_node(bringup.context, sim, ik.controller.kinematics.base_frame)
+            expert_spinner = SpinningNode(expert, bringup.context)
+        driver = "vla_node" if checkpoint else "scripted expert"
+        progress(f"[sim] {task}: '{sim.sim.episode.instruction}', driven by the {driver}, {seconds:.0f} s")
+        start = time.monotonic()
+        snap = None
+        success_at = None
+        while time.monotonic() - start < seconds:
+            time.sleep(1.0)
+            snap = sim.snapshot()
+            if snap is None:
+                continue
+            if snap.success and success_at is None:
+                success_at = snap.episode_time
+            progress(f"[sim] t={snap.episode_time:5.1f}s distance to the {snap.target} cube "
+                     f"{100 * snap.distance_to_target:5.1f} cm{'  reached' if snap.success else ''}")
+        if expert_spinner is not None:
+            expert_spinner.stop()
+        summary = {"task": task, "driver": driver, "seconds": seconds,
+                   "instruction": sim.sim.episode.instruction, "seed": sim.sim.episode.seed,
+                   "reached": success_at is not None, "reached_at_s": success_at,
+                   "final_distance_m": None if snap is None else float(snap.distance_to_target),
+                   "ik_ok_steps": int(ik.controller.counters["ik_ok"]),
+                   "joint_commands_applied": int(sim.sim.counters["joint_commands"])}
+    return summary
+
+
+def cmd_sim(args) -> int:
+    summary = run_sim(task=args.task, seconds=args.seconds, checkpoint=args.checkpoint, seed=args.seed)
+    print(json.dumps(summary))
+    return 0
+
+
+def add_sim_parser(subparsers):
+    p = subparsers.add_parser("sim", help="the simulated Panda cell in one process (model or scripted expert)")
+    p.add_argument("--task", default="reach-cube", choices=TASKS)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--checkpoint", default=None, help="drive with vla_node on this checkpoint (default: the scripted expert)")
+    p.add_argument("--seed", type=int, default=None, help="episode seed (cube positions, target)")
+    p.set_defaults(func=cmd_sim)
+    return p
