@@ -14,14 +14,21 @@ its own folder of one run directory:
    training module (the folder is a checkpoint `TorchEngine` loads).
 3. ``open_loop/``: the evaluation module on the held-out bags, with red/blue instruction
    sensitivity.
-4. ``closed_loop/``: new seeded episodes. The model runs on rendered frames and its chunks go
+4. ``closed_loop/``: new seeded episodes, in process (the baselines). The model runs on rendered frames and its chunks go
    through the `ChunkBuffer` sampled at the control rate, each twist integrated by the same
    diff-IK ik_node uses and applied to the scene (simulated time: a chunk reaches the buffer the
    measured inference latency after its frame, as it would in real time). Next to it on the same
    seeds: the scripted expert, two baselines that ignore the image (the same model fed a blank
    frame, and a reach to the mean cube position), and the model with the other colour's
    instruction (success = the arm reaches the cube it was told to reach).
-5. ``summary.json`` and ``report.md`` (with plots) at the top of the run directory.
+5. ``deploy_ros/``: the model deployed through the real ROS 2 graph, as on a robot: the in-process
+   bringup of ``config/sim_bringup.yaml`` runs sim_node (real time) -> vla_node (the trained
+   checkpoint, chunk buffer) -> ik_node -> sim_node, each node on its own executor thread; every
+   held-out seed is started with sim_node's reset and runs until sim_node reports success or the
+   episode time is up. Success, twist and joint-command rates, chunk latency and underruns are
+   measured on the graph. (``closed_loop_backend="inprocess"`` skips this step and reports step 4's
+   model as the closed-loop result.)
+6. ``summary.json`` and ``report.md`` (with plots) at the top of the run directory.
 
 Each step ends by writing ``<step>/done.json`` with the hash of everything it depends on; a rerun
 skips a step whose hash still matches (``redo`` forces it), so an interrupted run resumes.
@@ -32,6 +39,9 @@ import hashlib
 import json
 import logging
 import math
+import os
+import random
+import threading
 import shutil
 import sys
 import time
@@ -46,7 +56,7 @@ from openvla_ros.eval.report import json_ready
 
 log = logging.getLogger(__name__)
 
-STEPS = ("record", "train", "open_loop", "closed_loop", "report")
+STEPS = ("record", "train", "open_loop", "closed_loop", "deploy_ros", "report")
 DONE_FILE = "done.json"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -73,6 +83,14 @@ POLICY_BLIND = "model_blank_image"
 POLICY_MEAN_TARGET = "mean_target"
 POLICY_EXPERT = "expert"
 POLICY_ORDER = (POLICY_MODEL, POLICY_SWAPPED, POLICY_BLIND, POLICY_MEAN_TARGET, POLICY_EXPERT)
+# Policies the ROS deployment can run (the others need the simulator's state or a doctored image).
+ROS_POLICIES = (POLICY_MODEL, POLICY_SWAPPED)
+
+BACKEND_ROS = "ros"
+BACKEND_INPROCESS = "inprocess"
+CLOSED_LOOP_BACKENDS = (BACKEND_ROS, BACKEND_INPROCESS)
+# The simulated cell's bringup file (nodes + parameter files), as `openvla-ros bringup` runs it.
+DEFAULT_BRINGUP_FILE = Path(__file__).resolve().parents[1] / "config" / "sim_bringup.yaml"
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,11 @@ class DemoConfig:
     # torch intra-op threads during the run (restored afterwards). On a small CPU shared with the
     # simulator (and other users) one thread was ~4x faster than two: no spinning thread pool.
     torch_threads: int | None = 1
+    # Which closed loop the summary's closed_loop_success_rate comes from: "ros" deploys the model
+    # through the ROS 2 graph (step deploy_ros); "inprocess" reports step closed_loop's model.
+    closed_loop_backend: str = BACKEND_ROS
+    ros_policies: tuple[str, ...] = (POLICY_MODEL,)
+    bringup_file: str = ""  # "" = the package's config/sim_bringup.yaml
 
     def validated(self) -> "DemoConfig":
         for name in ("episodes", "eval_episodes", "steps", "batch_size", "chunk", "hidden", "layers", "heads"):
@@ -129,6 +152,12 @@ class DemoConfig:
         unknown = [p for p in self.policies if p not in POLICY_ORDER]
         if unknown or not self.policies:
             raise ValueError(f"policies must be a non-empty subset of {POLICY_ORDER}, got {self.policies!r}")
+        if self.closed_loop_backend not in CLOSED_LOOP_BACKENDS:
+            raise ValueError(f"closed_loop_backend must be one of {CLOSED_LOOP_BACKENDS}, got {self.closed_loop_backend!r}")
+        if not self.ros_policies or any(p not in ROS_POLICIES for p in self.ros_policies):
+            raise ValueError(f"ros_policies must be a non-empty subset of {ROS_POLICIES}, got {self.ros_policies!r}")
+        if self.bringup_file and not Path(self.bringup_file).is_file():
+            raise ValueError(f"bringup_file {self.bringup_file!r} does not exist")
         return self
 
 
@@ -150,8 +179,11 @@ def step_inputs(config: DemoConfig) -> dict[str, dict]:
     open_loop = {"train": train, "sensitivity_frames": c["sensitivity_frames"]}
     closed = {"train": train, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "control_rate_hz",
                                                     "replan_period_s", "sim_latency_s", "policies")}}
-    report = {"open_loop": open_loop, "closed_loop": closed}
-    return {"record": record, "train": train, "open_loop": open_loop, "closed_loop": closed, "report": report}
+    deploy = {"train": train, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "ros_policies")},
+              "bringup_file": str(c["bringup_file"] or DEFAULT_BRINGUP_FILE)}
+    report = {"open_loop": open_loop, "closed_loop": closed, "deploy_ros": deploy}
+    return {"record": record, "train": train, "open_loop": open_loop, "closed_loop": closed, "deploy_ros": deploy,
+            "report": report}
 
 
 def _done_path(run_dir: Path, step: str) -> Path:
@@ -623,32 +655,369 @@ def _latency(values_ms: Sequence[float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. summary and report
+# 5. deployment through the ROS 2 graph (sim_node -> vla_node -> ik_node -> sim_node, real time)
+
+ROS_ISOLATION_VARS = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR")
+# Domain ids for demo runs; the test helpers take 1..100, so a demo next to a test session never
+# shares a domain with it (232 is the highest id whose ports are valid on Linux).
+DEMO_DOMAIN_IDS = (101, 232)
+MONITOR_NODE_NAME = "demo_monitor"
+TOPIC_JOINT_COMMANDS = "/joint_commands"
+TOPIC_ACTION_CHUNK = "/vla/action_chunk"
+# How often the episode loop looks at the simulation (success, time, tip path).
+POLL_PERIOD_S = 0.02
+# Graph start-up (engine load, first inference) and the wall-time guard of one episode.
+GRAPH_READY_TIMEOUT_S = 120.0
+EPISODE_WALL_GUARD = (3.0, 15.0)  # wall limit = factor * episode seconds + constant
+
+
+def ros_isolation_env(log_dir: Path, rng: random.Random | None = None) -> dict:
+    """The variables that keep this run's graph to itself, for those the user has not set.
+
+    A random ``ROS_DOMAIN_ID`` (so two demos on one machine never see each other),
+    ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` and ``ROS_LOG_DIR`` under the run directory. Must be
+    in the environment before rclpy is initialised.
+    """
+    rng = rng or random.SystemRandom()
+    wanted = {"ROS_DOMAIN_ID": str(rng.randint(*DEMO_DOMAIN_IDS)), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+              "ROS_LOG_DIR": str(log_dir)}
+    return {k: v for k, v in wanted.items() if not os.environ.get(k)}
+
+
+class _EnvVars:
+    """Set environment variables for a block, restoring the previous values afterwards."""
+
+    def __init__(self, values: dict):
+        self.values = values
+        self.saved: dict = {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def checkpoint_center_crop(checkpoint: str | Path, default: bool) -> bool:
+    """Whether the checkpoint was trained with crop augmentation (its config's openvla_ros_training key)."""
+    try:
+        config = json.loads((Path(checkpoint) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return default
+    return bool((config.get("openvla_ros_training") or {}).get("center_crop_at_inference", default))
+
+
+class GraphMonitor:
+    """A node of the demo that counts what flows through the graph: twists out of vla_node, joint
+    commands out of ik_node, and accepted chunks (their latency from the frame's stamp)."""
+
+    def __init__(self, context):
+        import rclpy
+        from geometry_msgs.msg import TwistStamped
+        from sensor_msgs.msg import JointState
+        from trajectory_msgs.msg import JointTrajectory
+
+        from openvla_ros.nodes.ros_common import SpinningNode, node_seconds, stamp_to_seconds
+
+        self._lock = threading.Lock()
+        self.counts = {"twists": 0, "moving_twists": 0, "joint_commands": 0, "chunks": 0}
+        self.latencies_ms: list[float] = []
+        self.node = rclpy.create_node(MONITOR_NODE_NAME, context=context)
+        self._now = lambda: node_seconds(self.node)
+        self._stamp = stamp_to_seconds
+
+        def on_twist(msg):
+            t = msg.twist
+            moving = any(v != 0.0 for v in (t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z))
+            with self._lock:
+                self.counts["twists"] += 1
+                self.counts["moving_twists"] += int(moving)
+
+        def on_command(msg):
+            with self._lock:
+                self.counts["joint_commands"] += 1
+
+        def on_chunk(msg):
+            latency_ms = (self._now() - self._stamp(msg.header.stamp)) * 1e3
+            with self._lock:
+                self.counts["chunks"] += 1
+                self.latencies_ms.append(latency_ms)
+
+        self.node.create_subscription(TwistStamped, TOPIC_TWIST, on_twist, 100)
+        self.node.create_subscription(JointState, TOPIC_JOINT_COMMANDS, on_command, 100)
+        self.node.create_subscription(JointTrajectory, TOPIC_ACTION_CHUNK, on_chunk, 10)
+        self.spinner = SpinningNode(self.node, context)
+
+    def snapshot(self) -> tuple[dict, int]:
+        """(counts, number of latencies so far)."""
+        with self._lock:
+            return dict(self.counts), len(self.latencies_ms)
+
+    def latencies_since(self, index: int) -> list[float]:
+        with self._lock:
+            return list(self.latencies_ms[index:])
+
+    def close(self) -> None:
+        self.spinner.stop()
+        self.node.destroy_node()
+
+
+@dataclass
+class RosEpisode:
+    policy: str
+    seed: int
+    target: str
+    instruction: str
+    success: bool
+    reached_other: bool
+    time_to_success_s: float | None  # simulated episode time at the first successful sample
+    min_distance_m: float
+    final_distance_m: float
+    episode_s: float  # simulated time the episode ran
+    wall_s: float
+    twists: int  # TwistStamped published by vla_node during the episode
+    moving_twists: int
+    twist_hz: float
+    joint_commands: int  # JointState commands published by ik_node ...
+    joint_command_hz: float
+    sim_joint_commands: int  # ... and applied by sim_node
+    ik_steps: int  # IK integrations ik_node made (halts not counted)
+    chunks: int
+    latencies_ms: list[float]
+    underrun_ticks: int
+    steady_underrun_ticks: int  # after the episode's first chunk
+    real_time_factor: float
+    tip_path: list
+
+    def brief(self) -> dict:
+        out = asdict(self)
+        out.pop("latencies_ms")
+        return out
+
+
+def _ik_steps(ik) -> int:
+    counters = ik.controller.counters if ik.controller is not None else {}
+    return int(sum(v for k, v in dict(counters).items() if k.startswith("ik_") and not k.startswith("ik_halt")))
+
+
+def _underruns(vla) -> int:
+    from openvla_ros.control.vla_controller import HOLD_UNDERRUN
+
+    return int(vla.controller.counters.holds.get(HOLD_UNDERRUN, 0))
+
+
+def ros_episode(bringup, monitor: GraphMonitor, seed: int, target: str, *, policy: str = POLICY_MODEL,
+                max_seconds: float = 8.0, clock: Callable[[], float] = time.monotonic,
+                sleep: Callable[[float], None] = time.sleep) -> RosEpisode:
+    """One episode on the running graph: sim_node resets to (seed, target) and publishes the
+    instruction; the graph runs by itself until sim_node reports success or `max_seconds` of
+    episode time passed. Everything is measured from outside the nodes (topics, counters)."""
+    from openvla_ros.sim.scene import SUCCESS_RADIUS_M
+
+    sim, vla, ik = bringup["sim_node"], bringup["vla_node"], bringup["ik_node"]
+    counts0, lat0 = monitor.snapshot()
+    sim0 = int(sim.sim.counters["joint_commands"])
+    ik0, under0 = _ik_steps(ik), _underruns(vla)
+    episode = sim.reset_episode(seed=seed, target=target)
+    wall0 = clock()
+    other = next(c for c in episode.cube_positions if c != target)
+    guard = EPISODE_WALL_GUARD[0] * max_seconds + EPISODE_WALL_GUARD[1]
+    success, time_to_success, reached_other = False, None, False
+    steady_under0 = None
+    path, next_path_t = [], 0.0
+    min_dist = final_dist = math.inf
+    snap = None
+    while True:
+        snap = sim.snapshot()
+        if snap is not None and snap.target == target and snap.episode_time <= max_seconds + 1e-9:
+            final_dist = float(snap.distance_to_target)
+            min_dist = min(min_dist, final_dist)
+            other_dist = float(np.linalg.norm(snap.tip_position - snap.cube_positions[other]))
+            reached_other = reached_other or other_dist <= SUCCESS_RADIUS_M
+            if snap.episode_time >= next_path_t - 1e-9:
+                path.append([float(v) for v in snap.tip_position])
+                next_path_t += DEFAULT_CONTROL_PERIOD_S
+            if snap.success:
+                success, time_to_success = True, float(snap.episode_time)
+        if steady_under0 is None and monitor.snapshot()[0]["chunks"] > counts0["chunks"]:
+            steady_under0 = _underruns(vla)
+        done = success or (snap is not None and snap.episode_time >= max_seconds)
+        if done or clock() - wall0 > guard:
+            break
+        sleep(POLL_PERIOD_S)
+    wall = clock() - wall0
+    counts1, _ = monitor.snapshot()
+    under1 = _underruns(vla)
+    d = {k: counts1[k] - counts0[k] for k in counts1}
+    return RosEpisode(
+        policy=policy, seed=seed, target=target, instruction=episode.instruction, success=success,
+        reached_other=bool(reached_other), time_to_success_s=time_to_success,
+        min_distance_m=float(min_dist), final_distance_m=float(final_dist),
+        episode_s=float(snap.episode_time) if snap is not None else 0.0, wall_s=wall,
+        twists=d["twists"], moving_twists=d["moving_twists"], twist_hz=d["twists"] / wall if wall > 0 else 0.0,
+        joint_commands=d["joint_commands"], joint_command_hz=d["joint_commands"] / wall if wall > 0 else 0.0,
+        sim_joint_commands=int(sim.sim.counters["joint_commands"]) - sim0, ik_steps=_ik_steps(ik) - ik0,
+        chunks=d["chunks"], latencies_ms=monitor.latencies_since(lat0), underrun_ticks=under1 - under0,
+        steady_underrun_ticks=0 if steady_under0 is None else under1 - steady_under0,
+        real_time_factor=float(sim.sim.real_time_factor()), tip_path=path)
+
+
+def wait_for_graph(bringup, monitor: GraphMonitor, timeout: float = GRAPH_READY_TIMEOUT_S,
+                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> float:
+    """Block until the model has produced a chunk and ik_node commands the arm; returns the seconds it took."""
+    start = clock()
+    while clock() - start < timeout:
+        if bringup.errors:
+            raise RuntimeError(f"a node of the graph stopped: {bringup.errors}")
+        counts, _ = monitor.snapshot()
+        ik = bringup["ik_node"]
+        if counts["chunks"] > 0 and counts["joint_commands"] > 0 and ik.controller is not None:
+            return clock() - start
+        sleep(0.05)
+    vla = bringup["vla_node"]
+    raise RuntimeError(f"the ROS graph did not start within {timeout:.0f} s: vla_node {vla.controller.status()['state']}"
+                       f" (worker {vla.controller.worker.status()['state']}), monitor {monitor.snapshot()[0]}")
+
+
+def step_deploy_ros(run_dir: Path, config: DemoConfig, train: dict, progress: _Progress,
+                    clock: Callable[[], float]) -> dict:
+    from openvla_ros.nodes.bringup import Bringup
+    from openvla_ros.sim.scene import CUBE_COLOURS, target_for_seed
+
+    out = run_dir / "deploy_ros"
+    out.mkdir(parents=True, exist_ok=True)
+    bringup_file = Path(config.bringup_file or DEFAULT_BRINGUP_FILE)
+    center_crop = checkpoint_center_crop(train["checkpoint"], default=bool(train["center_crop"]))
+    overrides = {"vla_node": {"checkpoint": str(train["checkpoint"]), "center_crop": center_crop},
+                 "sim_node": {"seed": eval_seed(config, 0), "real_time": True}}
+    env = ros_isolation_env(out / "ros_log")
+    (out / "ros_log").mkdir(exist_ok=True)
+    episodes: dict[str, list[RosEpisode]] = {p: [] for p in config.ros_policies}
+    bar = progress.bar(config.eval_episodes * len(config.ros_policies), "deploy (ROS 2 graph)")
+    wall0 = clock()
+    try:
+        with _EnvVars(env):
+            progress.say(f"deploy_ros: starting {bringup_file.name} (ROS_DOMAIN_ID {os.environ.get('ROS_DOMAIN_ID')})")
+            with Bringup.from_file(bringup_file, overrides=overrides) as bringup:
+                monitor = GraphMonitor(bringup._context)
+                try:
+                    ready_s = wait_for_graph(bringup, monitor)
+                    progress.say(f"deploy_ros: graph running after {ready_s:.1f} s")
+                    for i in range(config.eval_episodes):
+                        seed = eval_seed(config, i)
+                        target = target_for_seed(seed)
+                        other = next(c for c in sorted(CUBE_COLOURS) if c != target)
+                        for policy in config.ros_policies:
+                            named = other if policy == POLICY_SWAPPED else target
+                            ep = ros_episode(bringup, monitor, seed, named, policy=policy,
+                                             max_seconds=config.episode_seconds)
+                            episodes[policy].append(ep)
+                            if bringup.errors:
+                                raise RuntimeError(f"a node of the graph stopped: {bringup.errors}")
+                            if bar is not None:
+                                bar.update(1)
+                                bar.set_postfix({p[:12]: f"{sum(e.success for e in eps)}/{len(eps)}"
+                                                 for p, eps in episodes.items()})
+                    ik_status, vla_status = bringup["ik_node"].controller.status(), bringup["vla_node"].controller.status()
+                finally:
+                    monitor.close()
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = clock() - wall0
+    policies = {}
+    for policy, eps in episodes.items():
+        wall_total = sum(e.wall_s for e in eps)
+        policies[policy] = {
+            "episodes": len(eps), "success_rate": float(np.mean([e.success for e in eps])),
+            "reached_other_rate": float(np.mean([e.reached_other for e in eps])),
+            "mean_final_distance_m": float(np.mean([e.final_distance_m for e in eps])),
+            "mean_min_distance_m": float(np.mean([e.min_distance_m for e in eps])),
+            "mean_time_to_success_s": (float(np.mean([e.time_to_success_s for e in eps if e.success]))
+                                       if any(e.success for e in eps) else None),
+            "episode_wall_s": [e.wall_s for e in eps],
+            "twist_hz": sum(e.twists for e in eps) / wall_total if wall_total > 0 else 0.0,
+            "joint_command_hz": sum(e.joint_commands for e in eps) / wall_total if wall_total > 0 else 0.0,
+            "chunks": int(sum(e.chunks for e in eps)),
+            "twists": int(sum(e.twists for e in eps)),
+            "joint_commands": int(sum(e.joint_commands for e in eps)),
+            "sim_joint_commands": int(sum(e.sim_joint_commands for e in eps)),
+            "ik_steps": int(sum(e.ik_steps for e in eps)),
+            "underrun_ticks": int(sum(e.underrun_ticks for e in eps)),
+            "steady_underrun_ticks": int(sum(e.steady_underrun_ticks for e in eps)),
+            "steady_underrun_fraction": float(sum(e.steady_underrun_ticks for e in eps) / max(sum(e.twists for e in eps), 1)),
+            "latency_ms": _latency([x for e in eps for x in e.latencies_ms]),
+            "mean_real_time_factor": float(np.mean([e.real_time_factor for e in eps])),
+        }
+    (out / "episodes.json").write_text(json.dumps(json_ready(
+        {p: [e.brief() for e in eps] for p, eps in episodes.items()}), indent=1) + "\n")
+    return {"dir": str(out), "mode": "ros", "bringup_file": str(bringup_file), "center_crop": center_crop,
+            "ros_env": env, "graph_ready_s": ready_s, "policies": policies, "wall_s": wall,
+            "ik_node_counters": ik_status["counters"], "vla_node_worker": vla_status["worker"],
+            "episodes_file": str(out / "episodes.json")}
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. summary and report
 
 
 def build_summary(config: DemoConfig, record: dict, train: dict, open_loop: dict, closed: dict,
-                  timings: dict) -> dict:
+                  timings: dict, deploy: dict | None = None) -> dict:
+    """The run's results; `deploy` (step deploy_ros) is None with the in-process backend."""
     pol = closed["policies"]
 
     def rate(name):
         return pol[name]["success_rate"] if name in pol else None
 
     model = pol.get(POLICY_MODEL, {})
+    ros = (deploy or {}).get("policies", {})
+    ros_model = ros.get(POLICY_MODEL)
+    if deploy is not None and ros_model is not None:
+        backend = BACKEND_ROS
+        deployed = {
+            "closed_loop_success_rate": ros_model["success_rate"],
+            "swapped_instruction_success_rate": (ros[POLICY_SWAPPED]["success_rate"] if POLICY_SWAPPED in ros
+                                                 else rate(POLICY_SWAPPED)),
+            # Measured on the graph: twists out of vla_node, joint commands out of ik_node.
+            "control_rate_hz": ros_model["twist_hz"],
+            "joint_command_rate_hz": ros_model["joint_command_hz"],
+            "inference_latency_ms": ros_model["latency_ms"],
+            "steady_underrun_ticks": ros_model["steady_underrun_ticks"],
+        }
+    else:
+        backend = BACKEND_INPROCESS
+        deployed = {
+            "closed_loop_success_rate": rate(POLICY_MODEL),
+            "swapped_instruction_success_rate": rate(POLICY_SWAPPED),
+            "control_rate_hz": closed["control_rate_hz"],
+            "joint_command_rate_hz": closed["control_rate_hz"],
+            "inference_latency_ms": model.get("latency_ms"),
+            "steady_underrun_ticks": model.get("steady_underrun_ticks"),
+        }
+    latency = deployed["inference_latency_ms"] or {}
     return {
-        "closed_loop_success_rate": rate(POLICY_MODEL),
-        "swapped_instruction_success_rate": rate(POLICY_SWAPPED),
+        "closed_loop_backend": backend,
+        **deployed,
+        "control_rate_configured_hz": config.control_rate_hz,
+        "inprocess_closed_loop_success_rate": rate(POLICY_MODEL),
+        "inprocess_swapped_instruction_success_rate": rate(POLICY_SWAPPED),
         "blind_baseline_success_rate": rate(POLICY_BLIND),
         "mean_target_baseline_success_rate": rate(POLICY_MEAN_TARGET),
         "expert_success_rate": rate(POLICY_EXPERT),
         "baselines": {"model_blank_image": rate(POLICY_BLIND), "mean_target": rate(POLICY_MEAN_TARGET),
                       "expert": rate(POLICY_EXPERT)},
-        "control_rate_hz": closed["control_rate_hz"],
         "closed_loop_mode": closed["mode"],
-        "inference_latency_ms": model.get("latency_ms"),
-        "inference_rate_hz": (1000.0 / model["latency_ms"]["p50"]
-                              if model.get("latency_ms", {}).get("p50") else None),
-        "steady_underrun_ticks": model.get("steady_underrun_ticks"),
+        "inprocess_inference_latency_ms": model.get("latency_ms"),
+        "inference_rate_hz": 1000.0 / latency["p50"] if latency.get("p50") else None,
         "closed_loop": pol,
+        "deploy_ros": ({k: deploy[k] for k in ("policies", "graph_ready_s", "wall_s", "center_crop", "bringup_file",
+                                                "ik_node_counters")} if deploy is not None else None),
         "open_loop": {k: open_loop[k] for k in ("frames", "l2_mean", "nrmse", "sensitivity_l2_mean")},
         "training": {k: train[k] for k in ("steps", "final_loss", "metrics", "checkpoint")},
         "recorded": {"episodes": len(record["episodes"]), "frames": record["frames"],
@@ -751,14 +1120,16 @@ def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, clo
     pol = summary["closed_loop"]
     lines = [
         "# openvla_ros demo: record → fine-tune → evaluate → deploy (simulation)", "",
-        f"- closed-loop success: **{fmt(summary['closed_loop_success_rate'], 2)}** on "
+        f"- closed-loop success ({'ROS 2 graph' if summary['closed_loop_backend'] == BACKEND_ROS else 'in process'}): "
+        f"**{fmt(summary['closed_loop_success_rate'], 2)}** on "
         f"{pol.get(POLICY_MODEL, {}).get('episodes', 0)} new seeded episodes "
         f"(expert {fmt(summary['expert_success_rate'], 2)}, image-blind model "
         f"{fmt(summary['blind_baseline_success_rate'], 2)}, mean-target reach "
         f"{fmt(summary['mean_target_baseline_success_rate'], 2)})",
         f"- swapped instruction (other colour named, success = reaching that cube): "
         f"{fmt(summary['swapped_instruction_success_rate'], 2)}",
-        f"- control rate {fmt(summary['control_rate_hz'], 0)} Hz ({summary['closed_loop_mode']}); inference latency p50 "
+        f"- control rate {fmt(summary['control_rate_hz'], 0)} Hz twists, {fmt(summary['joint_command_rate_hz'], 0)} Hz "
+        f"joint commands ({summary['closed_loop_backend']}); inference latency p50 "
         f"{fmt((summary['inference_latency_ms'] or {}).get('p50'), 1)} ms, p95 "
         f"{fmt((summary['inference_latency_ms'] or {}).get('p95'), 1)} ms; steady-state underrun ticks "
         f"{fmt(summary['steady_underrun_ticks'])}",
@@ -779,6 +1150,17 @@ def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, clo
             lines.append(f"| {name} | {fmt(p['success_rate'], 2)} | {fmt(p['reached_other_rate'], 2)} | "
                          f"{fmt(p['mean_final_distance_m'])} | {fmt(p['mean_time_to_success_s'], 2)} | {p['calls']} | "
                          f"{fmt(p['latency_ms'].get('p50'), 1)} | {p['steady_underrun_ticks']} |")
+    deploy = summary.get("deploy_ros")
+    if deploy:
+        lines += ["", "## Deployed through the ROS 2 graph (sim_node → vla_node → ik_node → sim_node, real time)", "",
+                  "| policy | success | reached other cube | twist Hz | joint command Hz | chunks | p50 latency (ms) | "
+                  "steady underrun ticks | wall s per episode |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, p in deploy["policies"].items():
+            lines.append(f"| {name} | {fmt(p['success_rate'], 2)} | {fmt(p['reached_other_rate'], 2)} | "
+                         f"{fmt(p['twist_hz'], 1)} | {fmt(p['joint_command_hz'], 1)} | {p['chunks']} | "
+                         f"{fmt(p['latency_ms'].get('p50'), 1)} | {p['steady_underrun_ticks']} | "
+                         f"{fmt(float(np.mean(p['episode_wall_s'])), 1)} |")
+        lines += ["", "In process (simulated time; the baselines):"]
     lines += ["", f"![success]({plots['success'].relative_to(run_dir)})", ""]
     if plots["paths"]:
         lines += ["Tip paths seen from above (solid: instructed target; dashed: swapped instruction):", "",
@@ -805,7 +1187,7 @@ def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, clo
 def run_demo(out_dir: str | Path = DEFAULT_RUN_DIR, *, config: DemoConfig | None = None,
              redo: Sequence[str] = (), resume: bool = True, progress: bool = True,
              clock: Callable[[], float] = time.perf_counter, **overrides) -> dict:
-    """Run (or resume) the five steps in `out_dir`; returns the summary (also in summary.json).
+    """Run (or resume) the steps in `out_dir`; returns the summary (also in summary.json).
 
     Settings come from `config` with keyword `overrides` of its fields (e.g. ``episodes=6``).
     ``redo`` names steps to run again even when finished (later steps follow from changed
@@ -859,10 +1241,16 @@ def _run_steps(run_dir: Path, config: DemoConfig, prog: _Progress, run_step, tim
     prog.say(f"open loop: L2 {open_loop['l2_mean']:.4f}, instruction sensitivity {open_loop['sensitivity_l2_mean']:.4f}")
     closed = run_step("closed_loop", lambda: step_closed_loop(run_dir, config, train, prog, prog.clock))
     rates = ", ".join(f"{k} {v['success_rate']:.2f}" for k, v in closed["policies"].items())
-    prog.say(f"closed loop success: {rates}")
+    prog.say(f"closed loop success (in process): {rates}")
+    deploy = None
+    if config.closed_loop_backend == BACKEND_ROS:
+        deploy = run_step("deploy_ros", lambda: step_deploy_ros(run_dir, config, train, prog, prog.clock))
+        rates = ", ".join(f"{k} {v['success_rate']:.2f} ({v['twist_hz']:.0f} Hz twists)"
+                          for k, v in deploy["policies"].items())
+        prog.say(f"closed loop success through ROS 2: {rates}")
 
     def report():
-        summary = build_summary(config, record, train, open_loop, closed, dict(timings))
+        summary = build_summary(config, record, train, open_loop, closed, dict(timings), deploy)
         (run_dir / SUMMARY_FILE).write_text(json.dumps(json_ready(summary), indent=2) + "\n")
         write_report(run_dir, summary, train, open_loop, closed)
         return {"summary": str(run_dir / SUMMARY_FILE), "report": str(run_dir / REPORT_FILE)}

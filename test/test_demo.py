@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,9 @@ def test_closed_loop_episodes_and_summary(tiny_run):
     for key in ("closed_loop_success_rate", "blind_baseline_success_rate", "mean_target_baseline_success_rate",
                 "expert_success_rate", "swapped_instruction_success_rate", "control_rate_hz", "inference_latency_ms"):
         assert key in summary
-    assert summary["control_rate_hz"] == 100.0
-    assert summary["closed_loop_success_rate"] == float(model["success"])
-    assert summary["inference_latency_ms"]["count"] == model["calls"]
+    assert summary["control_rate_configured_hz"] == 100.0
+    assert summary["inprocess_closed_loop_success_rate"] == float(model["success"])
+    assert summary["inprocess_inference_latency_ms"]["count"] == model["calls"]
     # The scripted expert reaches within 1.6 s only when the cube is close; its rate is 0 or 1 here.
     assert summary["expert_success_rate"] == float(episodes[demo.POLICY_EXPERT][0]["success"])
 
@@ -101,7 +102,7 @@ def test_closed_loop_episodes_and_summary(tiny_run):
 def test_report_and_plots_are_written(tiny_run):
     run_dir, summary = tiny_run
     report = (run_dir / "report.md").read_text()
-    assert "closed-loop success" in report
+    assert "closed-loop success (ROS 2 graph)" in report and "Deployed through the ROS 2 graph" in report
     for png in ("closed_loop_success.png", "training_loss.png", "tip_paths.png"):
         data = (run_dir / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,11 +119,14 @@ def test_finished_steps_are_skipped_and_changed_ones_redone(tiny_run, capsys):
         assert f"step {step}: already done" in err
         assert (run_dir / step / DONE_FILE).stat().st_mtime_ns == before[step]
     assert again["closed_loop_success_rate"] == summary["closed_loop_success_rate"]
-    # Asking for one more closed-loop policy set changes only the closed-loop inputs.
-    changed = run_demo(run_dir, progress=True, **{**TINY, "policies": (demo.POLICY_EXPERT,)})
+    # Another in-process policy set changes only the closed-loop inputs; the in-process backend
+    # reports the in-process model (not run here) and does not deploy through ROS.
+    changed = run_demo(run_dir, progress=True, **{**TINY, "policies": (demo.POLICY_EXPERT,),
+                                                  "closed_loop_backend": "inprocess"})
     err = capsys.readouterr().err
-    assert "step closed_loop: running" in err and "step train: already done" in err
+    assert "step closed_loop: running" in err and "step train: already done" in err and "deploy_ros" not in err
     assert set(changed["closed_loop"]) == {demo.POLICY_EXPERT} and changed["closed_loop_success_rate"] is None
+    assert changed["closed_loop_backend"] == "inprocess" and changed["deploy_ros"] is None
 
 
 def test_step_inputs_chain_and_validation():
@@ -136,5 +140,73 @@ def test_step_inputs_chain_and_validation():
         DemoConfig(policies=("oracle",)).validated()
     with pytest.raises(ValueError, match="sim_latency_s"):
         DemoConfig(sim_latency_s=float("nan")).validated()
+    with pytest.raises(ValueError, match="closed_loop_backend"):
+        DemoConfig(closed_loop_backend="gazebo").validated()
+    with pytest.raises(ValueError, match="ros_policies"):
+        DemoConfig(ros_policies=(demo.POLICY_EXPERT,)).validated()
     with pytest.raises(ValueError, match="unknown steps"):
         run_demo("/nonexistent/never", redo=("fly",))
+
+
+def test_deployment_ran_through_the_ros_graph_and_moved_the_arm_via_ik_node(tiny_run):
+    from openvla_ros.sim.scene import instruction_for, target_for_seed
+
+    run_dir, summary = tiny_run
+    result = json.loads((run_dir / "deploy_ros" / DONE_FILE).read_text())["result"]
+    assert result["mode"] == "ros" and summary["closed_loop_backend"] == "ros"
+    # The checkpoint was trained with crop augmentation, so vla_node centre-crops.
+    assert result["center_crop"] is True
+    episodes = json.loads((run_dir / "deploy_ros" / "episodes.json").read_text())
+    assert set(episodes) == {demo.POLICY_MODEL}
+    ep = episodes[demo.POLICY_MODEL][0]
+    seed = demo.eval_seed(DemoConfig(**TINY), 0)
+    assert ep["seed"] == seed and ep["target"] == target_for_seed(seed)
+    assert ep["instruction"] == instruction_for(ep["target"])  # what sim_node published for the episode
+    # The model's chunks became twists on /vla/eef_delta, ik_node integrated them into joint commands
+    # and sim_node applied those (nothing else publishes /joint_commands).
+    assert ep["chunks"] > 0 and ep["moving_twists"] > 0
+    assert ep["ik_steps"] > 0 and ep["joint_commands"] > 0 and ep["sim_joint_commands"] > 0
+    assert result["ik_node_counters"]["twists"] >= ep["moving_twists"]
+    path = np.array(ep["tip_path"])
+    assert path.shape[1] == 3 and np.linalg.norm(path[-1] - path[0]) > 1e-3
+    # It ran until success or the episode time was up (simulated time, paced to the wall clock).
+    assert ep["success"] or ep["episode_s"] >= TINY["episode_seconds"] - 1e-6
+    assert ep["success"] == (ep["final_distance_m"] <= 0.05)
+    assert summary["closed_loop_success_rate"] == float(ep["success"])
+    assert summary["control_rate_hz"] == pytest.approx(ep["twists"] / ep["wall_s"])
+    assert summary["joint_command_rate_hz"] == pytest.approx(ep["joint_commands"] / ep["wall_s"])
+    assert summary["inference_latency_ms"]["count"] == ep["chunks"]
+    assert summary["deploy_ros"]["policies"][demo.POLICY_MODEL]["episode_wall_s"] == [ep["wall_s"]]
+    # The graph ran isolated: a demo domain id and logs under the run directory (unless preset).
+    env = result["ros_env"]
+    if "ROS_DOMAIN_ID" in env:
+        assert demo.DEMO_DOMAIN_IDS[0] <= int(env["ROS_DOMAIN_ID"]) <= demo.DEMO_DOMAIN_IDS[1]
+    if "ROS_LOG_DIR" in env:
+        assert Path(env["ROS_LOG_DIR"]) == run_dir / "deploy_ros" / "ros_log"
+    print("deploy_ros figures:", {k: ep[k] for k in ("wall_s", "episode_s", "twists", "joint_commands", "chunks",
+                                                    "underrun_ticks", "steady_underrun_ticks", "real_time_factor")},
+          "twist Hz", round(summary["control_rate_hz"], 1), "joint command Hz", round(summary["joint_command_rate_hz"], 1),
+          "latency", summary["inference_latency_ms"], "graph ready s", round(result["graph_ready_s"], 1))
+
+
+def test_ros_isolation_env_keeps_the_users_settings(tmp_path, monkeypatch):
+    import random
+
+    for key in demo.ROS_ISOLATION_VARS:
+        monkeypatch.delenv(key, raising=False)
+    env = demo.ros_isolation_env(tmp_path, random.Random(3))
+    assert set(env) == set(demo.ROS_ISOLATION_VARS)
+    assert env["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST" and env["ROS_LOG_DIR"] == str(tmp_path)
+    assert demo.DEMO_DOMAIN_IDS[0] <= int(env["ROS_DOMAIN_ID"]) <= demo.DEMO_DOMAIN_IDS[1]
+    monkeypatch.setenv("ROS_DOMAIN_ID", "7")
+    env = demo.ros_isolation_env(tmp_path)
+    assert "ROS_DOMAIN_ID" not in env and set(env) == {"ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR"}
+    with demo._EnvVars(env):
+        assert os.environ["ROS_LOG_DIR"] == str(tmp_path) and os.environ["ROS_DOMAIN_ID"] == "7"
+    assert "ROS_LOG_DIR" not in os.environ and os.environ["ROS_DOMAIN_ID"] == "7"
+
+
+def test_center_crop_follows_the_checkpoint(tmp_path):
+    assert demo.checkpoint_center_crop(tmp_path, default=True) is True  # no config.json: the default
+    (tmp_path / "config.json").write_text(json.dumps({"openvla_ros_training": {"center_crop_at_inference": False}}))
+    assert demo.checkpoint_center_crop(tmp_path, default=True) is False

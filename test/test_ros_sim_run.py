@@ -22,3 +22,19 @@ def test_bad_arguments_are_named(ros_env, tmp_path):  # noqa: F811
         run_sim(task="stack")
     with pytest.raises(ValueError, match="nowhere does not exist"):
         run_sim(checkpoint=tmp_path / "nowhere")
+
+
+def test_record_demos_writes_bags_training_reads(tmp_path):
+    from openvla_ros.eval.bags import BagReadOptions, read_frames
+    from openvla_ros.nodes.sim_run import record_demos
+
+    summary = record_demos(episodes=2, out=tmp_path / "demos", seed=5, progress=False)
+    assert summary["episodes"] == 2
+    for i in range(2):
+        frames = read_frames(tmp_path / "demos" / f"episode_{i:04d}",
+                             BagReadOptions(truth_topic="/vla/eef_delta", dt=0.2)).frames
+        assert len(frames) > 3
+        assert frames[0].instruction.startswith("reach the ")
+        assert abs(frames[0].truth[0]) + abs(frames[0].truth[1]) + abs(frames[0].truth[2]) > 0  # the expert moves
+    with pytest.raises(ValueError, match="--episodes must be >= 1, got 0"):
+        record_demos(episodes=0, out=tmp_path / "none")

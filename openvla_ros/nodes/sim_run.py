@@ -111,8 +111,49 @@ def cmd_sim(args) -> int:
     return 0
 
 
+def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0, storage: str = "sqlite3",
+                 progress: bool = True) -> dict:
+    """One rosbag2 per scripted-expert episode (camera, instruction, joint states, tip pose, the
+    expert's TwistStamped, gripper) under `out`, as `openvla-ros train` and `eval bag` read them."""
+    from tqdm import tqdm
+
+    from ..demo import record_episode
+    from ..sim.rollout import panda_kinematics
+    from ..sim.scene import PandaScene
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+    if episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes = []
+    with PandaScene(seed) as scene:
+        kinematics = panda_kinematics()
+        for i in tqdm(range(episodes), desc="record-demos", unit="episode", disable=not progress):
+            outcome = record_episode(out / f"episode_{i:04d}", seed + i, scene=scene, kinematics=kinematics,
+                                     storage=storage)
+            outcomes.append(outcome)
+    return {"episodes": episodes, "out": str(out), "storage": storage, "outcomes": outcomes}
+
+
+def cmd_record_demos(args) -> int:
+    summary = record_demos(task=args.task, episodes=args.episodes, out=args.out, seed=args.seed, storage=args.storage)
+    print(json.dumps({k: v for k, v in summary.items() if k != "outcomes"}))
+    return 0
+
+
 def add_sim_parser(subparsers):
-    p = subparsers.add_parser("sim", help="the simulated Panda cell in one process (model or scripted expert)")
+    p = subparsers.add_parser("sim", help="the simulated Panda cell in one process (model or scripted expert); "
+                                          "`sim record-demos` records expert demonstrations")
+    actions = p.add_subparsers(dest="sim_action", required=False)
+    r = actions.add_parser("record-demos", help="one rosbag2 per scripted-expert episode")
+    r.add_argument("--task", default="reach-cube", choices=TASKS)
+    r.add_argument("--episodes", type=int, required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0, help="seed of the first episode (then seed+1, ...)")
+    r.add_argument("--storage", default="sqlite3", choices=["sqlite3", "mcap"])
+    r.set_defaults(func=cmd_record_demos)
     p.add_argument("--task", default="reach-cube", choices=TASKS)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--checkpoint", default=None, help="drive with vla_node on this checkpoint (default: the scripted expert)")
