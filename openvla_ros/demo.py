@@ -244,6 +244,18 @@ def eval_seed(config: DemoConfig, index: int) -> int:
     return EVAL_SEED_OFFSET + config.seed * 1_000_003 + index
 
 
+def _outcome_rates(eps) -> dict:
+    """Success and distance figures shared by the in-process and the ROS closed-loop summaries."""
+    return {
+        "episodes": len(eps), "success_rate": float(np.mean([e.success for e in eps])),
+        "reached_other_rate": float(np.mean([e.reached_other for e in eps])),
+        "mean_final_distance_m": float(np.mean([e.final_distance_m for e in eps])),
+        "mean_min_distance_m": float(np.mean([e.min_distance_m for e in eps])),
+        "mean_time_to_success_s": (float(np.mean([e.time_to_success_s for e in eps if e.success]))
+                                   if any(e.success for e in eps) else None),
+    }
+
+
 def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert=None, storage: str = "sqlite3",
                    max_seconds: float = 8.0) -> dict:
     """One expert demonstration as a bag at `path` (see the module docstring); returns its outcome."""
@@ -630,12 +642,7 @@ def step_closed_loop(run_dir: Path, config: DemoConfig, train: dict, progress: _
         ticks = sum(e.ticks for e in eps)
         steady_ticks = ticks  # underruns are counted against all ticks
         policies[policy] = {
-            "episodes": len(eps), "success_rate": float(np.mean([e.success for e in eps])),
-            "reached_other_rate": float(np.mean([e.reached_other for e in eps])),
-            "mean_final_distance_m": float(np.mean([e.final_distance_m for e in eps])),
-            "mean_min_distance_m": float(np.mean([e.min_distance_m for e in eps])),
-            "mean_time_to_success_s": (float(np.mean([e.time_to_success_s for e in eps if e.success]))
-                                       if any(e.success for e in eps) else None),
+            **_outcome_rates(eps),
             "calls": int(sum(e.calls for e in eps)), "ticks": int(ticks),
             "underrun_ticks": int(sum(e.underrun_ticks for e in eps)),
             "steady_underrun_ticks": int(sum(e.steady_underrun_ticks for e in eps)),
@@ -935,12 +942,7 @@ def step_deploy_ros(run_dir: Path, config: DemoConfig, train: dict, progress: _P
     for policy, eps in episodes.items():
         wall_total = sum(e.wall_s for e in eps)
         policies[policy] = {
-            "episodes": len(eps), "success_rate": float(np.mean([e.success for e in eps])),
-            "reached_other_rate": float(np.mean([e.reached_other for e in eps])),
-            "mean_final_distance_m": float(np.mean([e.final_distance_m for e in eps])),
-            "mean_min_distance_m": float(np.mean([e.min_distance_m for e in eps])),
-            "mean_time_to_success_s": (float(np.mean([e.time_to_success_s for e in eps if e.success]))
-                                       if any(e.success for e in eps) else None),
+            **_outcome_rates(eps),
             "episode_wall_s": [e.wall_s for e in eps],
             "twist_hz": sum(e.twists for e in eps) / wall_total if wall_total > 0 else 0.0,
             "joint_command_hz": sum(e.joint_commands for e in eps) / wall_total if wall_total > 0 else 0.0,
