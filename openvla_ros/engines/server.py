@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a 1080p image as a nested JSON list fits
+# An oversized body up to this multiple of the limit is read and dropped before the 413 answer.
+DRAIN_FACTOR = 16
 DEFAULT_MAX_IMAGE_SIDE = 4096
 MAX_INSTRUCTION_CHARS = 2000
 ACT_FIELDS = ("image", "instruction", "unnorm_key", "return_chunk")
@@ -234,11 +236,19 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def _discard_body(self) -> None:
+        """Read and drop the request body before answering an error, so the client (still sending)
+        gets the answer instead of a broken pipe. Bodies beyond DRAIN_FACTOR x the limit are not
+        read: the connection is closed instead."""
         length = self.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) <= self.server.service.max_body_bytes:
-            self.rfile.read(int(length))
-        else:
+        if not (length and length.isdigit()) or int(length) > DRAIN_FACTOR * self.server.service.max_body_bytes:
             self.close_connection = True
+            return
+        remaining = int(length)
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
@@ -270,7 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         length = int(length_text)
         if length > service.max_body_bytes:
-            self.close_connection = True  # do not read (or wait for) the oversized body
+            self._discard_body()  # drained (bounded) so the client reads the 413, never parsed
             self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                        {"error": f"body of {length} bytes exceeds the limit of {service.max_body_bytes}", "field": "body"})
             return
