@@ -52,7 +52,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from openvla_ros.vla.constants import DEFAULT_ACTION_DIM_NAMES, DEFAULT_CONTROL_PERIOD_S
-from openvla_ros.eval.report import json_ready
+from openvla_ros.eval.report import json_ready, new_figure
 
 log = logging.getLogger(__name__)
 
@@ -1031,19 +1031,10 @@ def build_summary(config: DemoConfig, record: dict, train: dict, open_loop: dict
     }
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_success(summary: dict, path: Path) -> Path:
     pol = summary["closed_loop"]
     names = [p for p in POLICY_ORDER if p in pol]
-    fig = _figure(7, 3.2)
+    fig = new_figure(7, 3.2)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(names)), [pol[n]["success_rate"] for n in names],
            color=["tab:green", "tab:purple", "tab:gray", "tab:brown", "tab:blue"][:len(names)])
@@ -1061,7 +1052,7 @@ def plot_training(log_path: str | Path, path: Path) -> Path | None:
     rows = _read_train_log(log_path)
     if not rows:
         return None
-    fig = _figure(6, 3)
+    fig = new_figure(6, 3)
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
     val = [r for r in rows if r.get("val_loss") is not None]
@@ -1084,7 +1075,7 @@ def plot_paths(episodes_file: str | Path, path: Path, n: int = 6) -> Path | None
     if not model:
         return None
     swapped = {e["seed"]: e for e in episodes.get(POLICY_SWAPPED, [])}
-    fig = _figure(3 * min(n, len(model)), 3.2)
+    fig = new_figure(3 * min(n, len(model)), 3.2)
     with PandaScene(0) as scene:
         for k, ep in enumerate(model):
             cubes = scene.reset(ep["seed"])

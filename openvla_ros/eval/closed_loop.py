@@ -32,7 +32,7 @@ import numpy as np
 from .bags import MSG_STRING, TWIST_DIM_NAMES, BagFrames, BagReadOptions, RosBag
 from .metrics import action_metrics, latency_stats, mae, rmse
 from .open_loop import EvalResult, align_dims
-from .report import (PLOT_ERRORS, PLOT_LATENCY, PLOT_PREDICTIONS, REPORT_MD, SUMMARY_JSON, _figure, _histogram,
+from .report import (PLOT_ERRORS, PLOT_LATENCY, PLOT_PREDICTIONS, REPORT_MD, SUMMARY_JSON, new_figure, histogram,
                      markdown_table, plot_error_histograms, plot_latency, plot_predictions, write_summary_json)
 
 log = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ def plot_commands(tracking: dict, path: str | Path) -> Path:
     """Commanded twist vs truth velocity per dim over time."""
     t = (tracking["t"] - tracking["t"][0]) * 1e-9
     n = len(tracking["dims"])
-    figure = _figure(10, 1.6 * n + 0.6)
+    figure = new_figure(10, 1.6 * n + 0.6)
     axes = figure.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     for i, ax in enumerate(axes):
         ax.plot(t, tracking["truth"][:, i], color="black", linewidth=1.2, label="truth delta / dt")
@@ -355,9 +355,9 @@ def plot_intervals(twist_t: np.ndarray, path: str | Path) -> Path | None:
     """Histogram of the intervals between consecutive commands."""
     if len(twist_t) < 3:
         return None
-    figure = _figure(6, 3.2)
+    figure = new_figure(6, 3.2)
     ax = figure.subplots()
-    _histogram(ax, np.diff(twist_t.astype(np.float64)) * 1e-6, "tab:purple")
+    histogram(ax, np.diff(twist_t.astype(np.float64)) * 1e-6, "tab:purple")
     ax.set_xlabel("interval between commands (ms)")
     ax.set_ylabel("commands")
     figure.tight_layout()

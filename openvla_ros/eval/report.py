@@ -29,7 +29,8 @@ COMPARISON_COLUMNS = (
 )
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no pyplot state, no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -38,7 +39,7 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _histogram(ax, values: np.ndarray, color: str) -> None:
+def histogram(ax, values: np.ndarray, color: str) -> None:
     """ax.hist that also copes with (nearly) constant values, where 30 finite bins do not fit."""
     lo, hi = float(np.min(values)), float(np.max(values))
     if hi - lo <= 1e-9 * max(1.0, abs(lo), abs(hi)):
@@ -96,7 +97,7 @@ def plot_predictions(result, path: str | Path) -> Path | None:
         return None
     t = result.stamps - (result.stamps[0] if len(result.stamps) else 0.0)
     n = len(result.pairs)
-    figure = _figure(10, 1.8 * n + 0.6)
+    figure = new_figure(10, 1.8 * n + 0.6)
     axes = figure.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     for ax, (p, q) in zip(axes, result.pairs):
         ax.plot(t, result.truths[:, q], label="true", color="black", linewidth=1.2)
@@ -121,13 +122,13 @@ def plot_error_histograms(result, path: str | Path) -> Path | None:
     n = errors.shape[1]
     cols = min(4, n)
     rows = -(-n // cols)
-    figure = _figure(3.2 * cols, 2.6 * rows)
+    figure = new_figure(3.2 * cols, 2.6 * rows)
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     for i, ax in enumerate(axes):
         if i >= n:
             ax.set_visible(False)
             continue
-        _histogram(ax, errors[:, i], "tab:blue")
+        histogram(ax, errors[:, i], "tab:blue")
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_title(f"{result.compared_dims[i]} error", fontsize="small")
     figure.tight_layout()
@@ -140,9 +141,9 @@ def plot_latency(result, path: str | Path) -> Path | None:
     values = np.asarray(result.latencies_ms, dtype=np.float64)
     if values.size == 0:
         return None
-    figure = _figure(6, 3.2)
+    figure = new_figure(6, 3.2)
     ax = figure.subplots()
-    _histogram(ax, values, "tab:green")
+    histogram(ax, values, "tab:green")
     for q, style in ((50, "-"), (95, "--")):
         ax.axvline(np.percentile(values, q), color="black", linestyle=style, label=f"p{q}")
     ax.set_xlabel("latency per prediction (ms)")
