@@ -44,9 +44,13 @@ def test_records_episodes_that_read_back(rclpy_context, probe, tmp_path, storage
     spinner = spin_in_background(node, rclpy_context)
     try:
         assert wait_until(lambda: len(node.subscribed) == 3, 5.0), node.subscribed
-        # both publishers must have matched the recorder, or a first message can be lost in discovery
+        # Matching is asynchronous on each side: both the writers and the recorder's readers must
+        # have matched, or a first (volatile) message can be lost in discovery.
         for msg_type, topic in ((Image, "/camera/image_raw"), (TwistStamped, "/expert/twist")):
             assert wait_until(lambda: probe.publisher(msg_type, topic).get_subscription_count() > 0, 5.0), topic
+            assert wait_until(lambda: node.readers[topic].get_publisher_count() > 0, 5.0), topic
+        # The latched instruction is delivered asynchronously after matching; episodes open with it.
+        assert wait_until(lambda: node.recorder.has_latched("/vla/instruction"), 5.0)
         reply = probe.call(Trigger, "/recorder/stop", Trigger.Request())
         assert not reply.success and "not recording" in reply.message
         paths = []

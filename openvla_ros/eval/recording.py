@@ -124,6 +124,10 @@ class EpisodeRecorder:
         log.info("recording into %s", writer.path)
         return writer.path
 
+    def has_latched(self, topic: str) -> bool:
+        """Whether a message of latched `topic` has arrived (it opens every following episode)."""
+        return topic in self._latched
+
     def write(self, topic: str, msgtype: str, receive_ns: int, data: bytes) -> bool:
         """Store a message when recording; False when it was not written (not recording, or unwritable)."""
         if topic in self.latched_topics:

@@ -66,6 +66,7 @@ def _make_node_class():
             self.recorder = EpisodeRecorder(p["out_dir"], p["name_pattern"], p["storage"], p["typestore"],
                                             clock_ns=lambda: self.get_clock().now().nanoseconds)
             self.subscribed: dict[str, str] = {}  # topic -> type
+            self.readers: dict = {}  # topic -> rclpy Subscription (its get_publisher_count() tells matching)
             self._qos = (QoSProfile, ReliabilityPolicy, DurabilityPolicy)
             self.create_service(Trigger, "~/start", self._on_start)
             self.create_service(Trigger, "~/stop", self._on_stop)
@@ -108,7 +109,7 @@ def _make_node_class():
             def on_message(data: bytes, topic=topic, msgtype=msgtype) -> None:
                 self.recorder.write(topic, msgtype, self.get_clock().now().nanoseconds, data)
 
-            self.create_subscription(cls, topic, on_message, qos, raw=True)
+            self.readers[topic] = self.create_subscription(cls, topic, on_message, qos, raw=True)
             self.subscribed[topic] = msgtype
             self.get_logger().info(f"recording {topic} [{msgtype}]"
                                    f"{' (latched)' if latched else ''}{' (best effort)' if best_effort else ''}")
