@@ -103,3 +103,30 @@ class PipelineBackedEngine:
     @property
     def chunk_len(self) -> int:
         return self.pipeline.chunk_len
+
+
+def gpu_backend_unavailable_reason(needs: str, package: str, alternative: str, *,
+                                   cuda_available: bool | None, package_installed: bool | None,
+                                   module: str) -> str | None:
+    """Why a CUDA-only backend cannot run here (None when it can): names every missing piece.
+
+    `needs` opens the message ("TensorRT needs"), `package` names the missing package with its
+    install hint, `alternative` the backend to use instead.
+    `cuda_available` / `package_installed` default (None) to probing this machine (torch, `module`).
+    """
+    import importlib.util
+
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if package_installed is None:
+        package_installed = importlib.util.find_spec(module) is not None
+    missing = []
+    if not cuda_available:
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False on this machine)")
+    if not package_installed:
+        missing.append(package)
+    if missing:
+        return f"{needs} " + " and ".join(missing) + f"; use {alternative} instead"
+    return None

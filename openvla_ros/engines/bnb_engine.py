@@ -12,7 +12,6 @@ saying which is missing.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from typing import Callable
 
@@ -24,6 +23,7 @@ from ..vla.checkpoint import Checkpoint
 from ..vla.model import load_model
 from ..vla.pipeline import OpenVLAPipeline
 from .torch_engine import TorchEngine, check_device, parse_dtype
+from .base import gpu_backend_unavailable_reason
 
 BNB_BITS = {"bnb4": 4, "bnb8": 8}
 NF4_TYPES = ("nf4", "fp4")
@@ -46,16 +46,9 @@ def bnb_settings(bits: int, *, quant_type: str = "nf4", double_quant: bool = Tru
 
 def bnb_unavailable_reason(*, cuda_available: bool | None = None, bnb_installed: bool | None = None) -> str | None:
     """Why the bnb backends cannot run here (None when they can)."""
-    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
-    bnb_installed = importlib.util.find_spec("bitsandbytes") is not None if bnb_installed is None else bnb_installed
-    missing = []
-    if not cuda_available:
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False on this machine)")
-    if not bnb_installed:
-        missing.append("the bitsandbytes package (pip install bitsandbytes)")
-    if missing:
-        return "the bnb4/bnb8 engines need " + " and ".join(missing) + "; use --engine torch or onnx instead"
-    return None
+    return gpu_backend_unavailable_reason("the bnb4/bnb8 engines need", "the bitsandbytes package (pip install bitsandbytes)",
+                                          "--engine torch or onnx", cuda_available=cuda_available,
+                                          package_installed=bnb_installed, module="bitsandbytes")
 
 
 def quantisable_linears(language_model: nn.Module) -> list[str]:

@@ -15,7 +15,6 @@ construction raise ValueError saying what is missing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .manifest import build_manifest, check_against_checkpoint, read_manifest, write_manifest
-from .base import PipelineBackedEngine
+from .base import PipelineBackedEngine, gpu_backend_unavailable_reason
 
 # precision -> (TensorRT builder flags, minimum CUDA compute capability, needs Q/DQ nodes in the ONNX)
 TRT_PRECISIONS = {
@@ -42,19 +41,9 @@ PLAN_SUFFIX = ".plan"
 
 def tensorrt_unavailable_reason(*, cuda_available: bool | None = None, trt_installed: bool | None = None) -> str | None:
     """Why TensorRT cannot be used here (None when it can)."""
-    if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
-    trt_installed = importlib.util.find_spec("tensorrt") is not None if trt_installed is None else trt_installed
-    missing = []
-    if not cuda_available:
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False on this machine)")
-    if not trt_installed:
-        missing.append("the tensorrt Python package (pip install tensorrt)")
-    if missing:
-        return "TensorRT needs " + " and ".join(missing) + "; use --engine onnx (CPU) instead"
-    return None
+    return gpu_backend_unavailable_reason("TensorRT needs", "the tensorrt Python package (pip install tensorrt)",
+                                          "--engine onnx (CPU)", cuda_available=cuda_available,
+                                          package_installed=trt_installed, module="tensorrt")
 
 
 def check_precision(precision: str, compute_capability: tuple[int, int], qdq_nodes: int) -> tuple[str, ...]:
