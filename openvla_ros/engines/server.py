@@ -319,6 +319,11 @@ def serve(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str
     """Serve until interrupted (Ctrl-C)."""
     server = make_server(engine, host, port, token, **limits)
     logger.info("serving %s on %s (auth %s)", getattr(engine, "name", "engine"), server.url, "on" if token else "off")
+    serve_until_interrupted(server)
+
+
+def serve_until_interrupted(server) -> None:
+    """Run `server` until Ctrl-C, then close its socket."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -331,8 +336,8 @@ def serve(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str
 def add_serve_parser(subparsers, add_engine_options=None) -> argparse.ArgumentParser:
     """`openvla-ros serve --checkpoint DIR [engine options] [--host] [--port] [--token]`.
 
-    `add_engine_options(parser)` adds the CLI's shared --checkpoint/--engine/... options; the
-    command builds the engine with `args.engine_factory(args)` set by the caller, or create_engine.
+    `add_engine_options(parser)` adds the CLI's shared --checkpoint/--engine/... options; the caller
+    builds the engine from them and passes it to `cmd_serve(args, engine)`.
     """
     p = subparsers.add_parser("serve", help="serve an engine over HTTP (deploy.py-compatible POST /act, /health, /info)")
     if add_engine_options is not None:
@@ -359,10 +364,5 @@ def cmd_serve(args, engine=None) -> int:
     server = make_server(engine, args.host, args.port, token, max_body_bytes=max_body, max_image_side=args.max_image_side)
     # One line on stdout so scripts (and tests) learn the actual port when --port 0 is used.
     print(json.dumps({"serving": server.url, "engine": engine.name, "auth": token is not None}), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(server)
     return 0
