@@ -7,6 +7,7 @@
     openvla-ros eval topics BAG
     openvla-ros train (--checkpoint CKPT | --from-scratch) --data BAGS... --out DIR
     openvla-ros bench ik|control [--json]
+    openvla-ros bench train [--steps N] [--batch-size B] [--lora-rank R | --full] [--num-workers N] [--threads T] [--json]
     openvla-ros sim --task reach-cube --seconds N [--checkpoint DIR]
     openvla-ros demo
 
@@ -209,9 +210,37 @@ def cmd_bench_control(args) -> int:
     from .nodes.bench_control import bench_control
 
     progress = (lambda text: print(text, file=sys.stderr)) if args.json else print
-    result = bench_control(checkpoint=args.checkpoint, rate=args.rate, seconds=args.seconds,
-                           camera_hz=args.camera_hz, progress=progress,
-                           node_params={"inference_process": True} if args.inference_process else None)
+
+    def run(timing: str) -> dict:
+        params = {"control_timing": timing, **({"inference_process": True} if args.inference_process else {})}
+        progress(f"[bench control] control_timing={timing}")
+        return bench_control(checkpoint=args.checkpoint, rate=args.rate, seconds=args.seconds,
+                             camera_hz=args.camera_hz, progress=progress, node_params=params,
+                             receiver_priority=args.receiver_priority)
+
+    result = run(args.control_timing)
+    if args.reference:
+        # The same measurement with an rclpy timer on the executor (how ROS nodes usually time a stream).
+        reference = run("executor")
+        result["reference"] = {"control_timing": "executor", **reference}
+        for key in ("p99_period_error_ms", "sender_p99_period_error_ms"):
+            ours = result[key]
+            result[f"ratio_{key}"] = reference[key] / ours if ours > 0 else None
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    import torch
+
+    from .training.bench import bench_train
+
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_train(steps=args.steps, batch_size=args.batch_size, lora_rank=args.lora_rank, full=args.full,
+                         num_workers=args.num_workers, device=args.device)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0
 
@@ -347,8 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera-hz", type=float, default=30.0)
     p.add_argument("--checkpoint", default=None, help="default: a tiny checkpoint made for the run")
     p.add_argument("--inference-process", action="store_true", help="vla_node's inference_process: engine in a child process")
+    p.add_argument("--control-timing", default="thread", choices=["thread", "executor"],
+                   help="vla_node's control_timing (default: thread, the node's default)")
+    p.add_argument("--receiver-priority", type=int, default=5,
+                   help="SCHED_FIFO priority of the measuring subscriber's threads, as a controller manager runs "
+                        "(0 = normal scheduling; needs CAP_SYS_NICE)")
+    p.add_argument("--reference", action="store_true",
+                   help="also measure control_timing=executor (an rclpy timer) and report the ratio")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_control)
+
+    p = bench.add_parser("train", help="training steps/s and memory on a tiny checkpoint, with and without loader workers")
+    p.add_argument("--steps", type=int, default=20, help="training steps per run, the first one a warm-up")
+    p.add_argument("--batch-size", type=int, default=8)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora-rank", type=int, default=32)
+    mode.add_argument("--full", action="store_true", help="full fine-tuning of every part instead of LoRA")
+    p.add_argument("--num-workers", type=int, default=2, help="loader workers of the measured run (reference: 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the training process (default: torch's choice)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("record", help="record topics into rosbag2 episodes (the recorder node, started at once)")
     p.add_argument("--topics", nargs="+", required=True, help="'name' or 'name:pkg/msg/Type'")

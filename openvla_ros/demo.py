@@ -104,6 +104,7 @@ class DemoConfig:
     batch_size: int = 8
     lr: float = 2e-3
     warmup_steps: int = 50
+    lr_schedule: str = "constant"
     chunk: int = 2  # actions per model call
     hidden: int = 64  # tiny Llama width
     layers: int = 2
@@ -116,6 +117,7 @@ class DemoConfig:
     val_fraction: float = 0.0  # the held-out bags are the validation
     seed: int = 0
     storage: str = "sqlite3"
+    record_noise_m: float = 0.0  # std of the noise added to the executed expert actions (per axis, m)
     episode_seconds: float = 8.0
     control_rate_hz: float = 100.0  # chunk buffer sampling + IK rate in the closed loop
     replan_period_s: float = DEFAULT_CONTROL_PERIOD_S  # one model call per this much simulated time
@@ -145,6 +147,8 @@ class DemoConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not (math.isfinite(self.record_noise_m) and self.record_noise_m >= 0):
+            raise ValueError(f"record_noise_m must be a number >= 0, got {self.record_noise_m!r}")
         if self.sim_latency_s is not None and not (math.isfinite(self.sim_latency_s) and self.sim_latency_s >= 0):
             raise ValueError(f"sim_latency_s must be None or a number >= 0, got {self.sim_latency_s!r}")
         if self.torch_threads is not None and (not isinstance(self.torch_threads, int) or self.torch_threads < 1):
@@ -172,9 +176,9 @@ def _hash(obj) -> str:
 def step_inputs(config: DemoConfig) -> dict[str, dict]:
     """What each step depends on (its own settings plus its inputs' identities)."""
     c = asdict(config)
-    record = {k: c[k] for k in ("episodes", "seed", "storage", "episode_seconds")}
+    record = {k: c[k] for k in ("episodes", "seed", "storage", "episode_seconds", "record_noise_m")}
     train = {"record": record, "held_out": c["held_out"],
-             **{k: c[k] for k in ("steps", "batch_size", "lr", "warmup_steps", "chunk", "hidden", "layers", "heads",
+             **{k: c[k] for k in ("steps", "batch_size", "lr", "warmup_steps", "lr_schedule", "chunk", "hidden", "layers", "heads",
                                   "vision", "augment", "val_fraction", "seed")}}
     open_loop = {"train": train, "sensitivity_frames": c["sensitivity_frames"]}
     closed = {"train": train, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "control_rate_hz",
@@ -257,8 +261,14 @@ def _outcome_rates(eps) -> dict:
 
 
 def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert=None, storage: str = "sqlite3",
-                   max_seconds: float = 8.0) -> dict:
-    """One expert demonstration as a bag at `path` (see the module docstring); returns its outcome."""
+                   max_seconds: float = 8.0, action_noise_m: float = 0.0) -> dict:
+    """One expert demonstration as a bag at `path` (see the module docstring); returns its outcome.
+
+    With `action_noise_m` > 0 the arm executes the expert's action plus Gaussian noise of that
+    standard deviation per axis (metres per action) while the bag records the expert's clean action
+    for the state it is in (DART-style noise injection): the demonstrations then show how to get
+    back on course from the small errors a learnt policy makes, which plain demonstrations never do.
+    """
     from openvla_ros.eval.bag_writer import BagWriter
     from openvla_ros.sim.expert import ReachExpert
     from openvla_ros.sim.rollout import panda_kinematics, run_episode
@@ -279,7 +289,8 @@ def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert
             # Latched instruction, published just before the first frame.
             bag.write_string(TOPIC_INSTRUCTION, EPISODE_T0_S - 0.01, instruction)
 
-            def on_period(sc, action):
+            def on_period(sc, executed):
+                action = expert.act(sc, target)  # the label: the clean action for this state
                 t = EPISODE_T0_S + sc.time
                 bag.write_image(TOPIC_IMAGE, t, sc.render())
                 bag.write_twist(TOPIC_TWIST, t, action[:3] / dt, action[3:6] / dt, frame_id=BASE_FRAME)
@@ -289,7 +300,15 @@ def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert
                 names, q, qd = sc.joint_state()
                 bag.write_joint_state(TOPIC_JOINT_STATES, t, names, q, qd)
 
-            result = run_episode(scene, kinematics, lambda sc: expert.act(sc, target), target,
+            noise = np.random.default_rng([int(seed), 2])
+
+            def noisy_expert(sc):
+                action = expert.act(sc, target)
+                if action_noise_m > 0:
+                    action[:3] += noise.normal(0.0, action_noise_m, size=3)
+                return action
+
+            result = run_episode(scene, kinematics, noisy_expert, target,
                                  max_seconds=max_seconds, control_period_s=dt, on_period=on_period)
         return {"bag": str(path), "seed": seed, "target": target, "instruction": instruction,
                 "success": bool(result.success), "frames": int(result.periods),
@@ -313,7 +332,8 @@ def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
         for i in range(config.episodes):
             episodes.append(record_episode(bag_dir / f"episode_{i:04d}", record_seed(config, i), scene=scene,
                                            kinematics=kin, expert=expert, storage=config.storage,
-                                           max_seconds=config.episode_seconds))
+                                           max_seconds=config.episode_seconds,
+                                           action_noise_m=config.record_noise_m))
             if bar is not None:
                 bar.update(1)
     finally:
@@ -343,7 +363,7 @@ def train_config(run_dir: Path, config: DemoConfig, train_bags: Sequence[str], p
         from_scratch=True, scratch_hidden=config.hidden, scratch_layers=config.layers, scratch_heads=config.heads,
         scratch_vision_backbone=config.vision, chunk_len=config.chunk, val_fraction=config.val_fraction,
         seed=config.seed, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-        warmup_steps=config.warmup_steps, lora_rank=0, train_parts=list(MODEL_PARTS), augment=config.augment,
+        warmup_steps=config.warmup_steps, lr_schedule=config.lr_schedule, lora_rank=0, train_parts=list(MODEL_PARTS), augment=config.augment,
         eval_every=max(config.steps // 5, 1), save_every=max(config.steps // 10, 1), log_every=10,
         cache_dir=str(run_dir / "train_cache"), resume=True, progress=progress)
 

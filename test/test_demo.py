@@ -212,3 +212,38 @@ def test_center_crop_follows_the_checkpoint(tmp_path):
     assert demo.checkpoint_center_crop(tmp_path, default=True) is True  # no config.json: the default
     (tmp_path / "config.json").write_text(json.dumps({"openvla_ros_training": {"center_crop_at_inference": False}}))
     assert demo.checkpoint_center_crop(tmp_path, default=True) is False
+
+
+def test_noise_injection_moves_the_arm_off_course_but_records_the_clean_expert_action(tmp_path):
+    """DART-style recording: the executed actions carry noise, the bag's labels are the expert's for each state."""
+    from openvla_ros.eval.bags import BagReadOptions, read_frames
+    from openvla_ros.sim.expert import ReachExpert
+    from openvla_ros.sim.scene import PandaScene, target_for_seed
+
+    seed = 7
+    clean = demo.record_episode(tmp_path / "clean", seed, max_seconds=1.0)
+    noisy = demo.record_episode(tmp_path / "noisy", seed, max_seconds=1.0, action_noise_m=0.01)
+    options = BagReadOptions(truth_topic=demo.TOPIC_TWIST, image_topic=demo.TOPIC_IMAGE, sync="nearest",
+                             tolerance=0.001)
+    tips = {}
+    for name in ("clean", "noisy"):
+        from openvla_ros.eval.bags import RosBag
+
+        with RosBag(tmp_path / name) as bag:
+            tips[name] = np.array([[m.msg.pose.position.x, m.msg.pose.position.y, m.msg.pose.position.z]
+                                   for m in bag.messages([demo.TOPIC_TIP_POSE])])
+    assert clean["frames"] == noisy["frames"] == len(tips["clean"]) == 5
+    # The arm went elsewhere with noise (after the first action) ...
+    assert np.abs(tips["noisy"][2:] - tips["clean"][2:]).max() > 0.003
+    # ... yet every recorded action is exactly the expert's for the state it was recorded in.
+    scene = PandaScene(seed)
+    cube = scene.cube_position(target_for_seed(seed))
+    scene.close()
+    expert = ReachExpert()
+    frames = list(read_frames(tmp_path / "noisy", options))
+    assert len(frames) == 5
+    for frame, tip in zip(frames, tips["noisy"]):
+        # (1e-5 m: the bag's tip pose and the scene's tip position differ by pybullet's link-frame rounding)
+        np.testing.assert_allclose(frame.truth[:3], expert.action(tip, cube)[:3], atol=1e-5)
+    with pytest.raises(ValueError, match="record_noise_m"):
+        DemoConfig(record_noise_m=-0.1).validated()

@@ -451,7 +451,7 @@ def test_garbled_message_bytes_give_a_clear_error(tmp_path):
     path = tmp_path / "bag"
     with BagWriter(path, "mcap") as w:
         w.write_raw(CAM, "sensor_msgs/msg/Image", 1_000_000_000, b"\x00\x01\x00\x00" + b"\xff" * 9)
-    with pytest.raises(BagError, match="corrupt or truncated \\(while reading \\['/camera/image_raw'\\]\\)"):
+    with pytest.raises(BagError, match="corrupt or truncated \\(a sensor_msgs/msg/Image on '/camera/image_raw' does not decode\\)"):
         read_frames(path, BagReadOptions(instruction="go"))
 
 

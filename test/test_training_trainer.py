@@ -128,6 +128,34 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, tiny_checkpoint,
         run_training(changed)
 
 
+def test_worker_processes_give_the_weights_of_the_in_process_loader(tmp_path, tiny_checkpoint, demo_bags):
+    import multiprocessing
+
+    root, _ = demo_bags
+
+    def config(out, workers):
+        return TrainConfig(out_dir=str(out), datasets=[_dataset(root)], base_checkpoint=str(tiny_checkpoint),
+                           steps=3, batch_size=2, grad_accum=2, lr=3e-3, lora_rank=4, lora_dropout=0.1,
+                           train_parts=["projector"], augment=True, val_fraction=0.0, progress=False,
+                           num_workers=workers, cache_dir=str(tmp_path / "cache"))
+
+    seen = []
+    first = run_training(config(tmp_path / "w2a", 2), on_step=lambda step, seconds, loss: seen.append((step, loss)))
+    assert [s for s, _ in seen] == [1, 2, 3] and all(np.isfinite(l) and l > 0 for _, l in seen)
+    assert seen[-1][1] == first.final_loss
+    assert not multiprocessing.active_children()  # the workers are stopped when training ends
+    run_training(config(tmp_path / "w2b", 2))
+    run_training(config(tmp_path / "w0", 0))
+    a, b, c = _weights(tmp_path / "w2a"), _weights(tmp_path / "w2b"), _weights(tmp_path / "w0")
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)  # same seed, 2 workers, twice
+        torch.testing.assert_close(c[name], a[name], rtol=0, atol=0, msg=name)  # workers change nothing trained
+    assert _losses(tmp_path / "w2a" / "train_log.csv") == _losses(tmp_path / "w0" / "train_log.csv")
+    # The worker count is not part of a run's identity: a run resumes with a different one.
+    assert run_training(config(tmp_path / "w0", 1)).steps == 3
+
+
 def _scratch_args(root, out, *extra):
     return ["--from-scratch", "--data", str(root), "--out", str(out), "--action-topic", "/act", "--steps", "3",
             "--lr", "1e-3", "--val-fraction", "0", "--no-progress", "--seed", "5", *extra]
@@ -176,10 +204,14 @@ def test_invalid_configurations_are_rejected(tmp_path, tiny_checkpoint, demo_bag
         TrainConfig(**base, from_scratch=True, lora_rank=0, train_parts=["projector"]).validated()
     with pytest.raises(ValueError, match="unknown train_parts"):
         TrainConfig(**base, train_parts=["head"]).validated()
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0, got -1"):
+        TrainConfig(**base, num_workers=-1).validated()
     parser = add_train_arguments(__import__("argparse").ArgumentParser())
     args = parser.parse_args(["--checkpoint", "B", "--data", "a", "b", "--data", "c", "--dataset-name", "x",
-                              "--dataset-name", "y", "--weight", "1", "--weight", "3", "--out", "O", "--full"])
+                              "--dataset-name", "y", "--weight", "1", "--weight", "3", "--out", "O", "--full",
+                              "--num-workers", "3"])
     cfg = config_from_args(args)
+    assert cfg.num_workers == 3
     assert [(d.name, d.paths, d.weight) for d in cfg.datasets] == [("x", ["a", "b"], 1.0), ("y", ["c"], 3.0)]
     assert cfg.lora_rank == 0 and cfg.train_parts == ["vision_backbone", "projector", "language_model"]
     args = parser.parse_args(["--checkpoint", "B", "--data", "a", "--data", "c", "--weight", "2", "--out", "O"])
@@ -201,3 +233,22 @@ def test_mixture_schedule_follows_weights_and_covers_each_dataset_per_epoch():
     again = BatchSchedule([5, 20], [1.0, 3.0], seed=0)
     restart = list(cursors)
     assert again.batch(200, 10, restart) == schedule.batch(200, 10, list(cursors))
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from openvla_ros.training.trainer import _lr_at
+
+    cfg = TrainConfig(out_dir="x", datasets=[DatasetConfig("d", ["p"])], from_scratch=True, steps=110,
+                      warmup_steps=10, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert _lr_at(cfg, 0) == pytest.approx(1e-4)  # warm-up
+    assert _lr_at(cfg, 10) == pytest.approx(1e-3)  # peak right after it
+    assert _lr_at(cfg, 60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way down
+    assert _lr_at(cfg, 110) == pytest.approx(1e-4) and _lr_at(cfg, 500) == pytest.approx(1e-4)
+    lrs = [_lr_at(cfg, s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    constant = TrainConfig(out_dir="x", datasets=[DatasetConfig("d", ["p"])], from_scratch=True, lr=1e-3)
+    assert _lr_at(constant, 5000) == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(out_dir="x", datasets=[DatasetConfig("d", ["p"])], from_scratch=True, lr_schedule="linear").validated()
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainConfig(out_dir="x", datasets=[DatasetConfig("d", ["p"])], from_scratch=True, min_lr_ratio=2.0).validated()

@@ -133,6 +133,16 @@ class BagMessage:
     msg: object
 
 
+@dataclass
+class RawBagMessage:
+    """A message as stored: CDR bytes (what a player republishes without decoding)."""
+
+    topic: str
+    msgtype: str
+    receive_ns: int
+    data: bytes
+
+
 class RosBag:
     """An open rosbag2 bag (directory with metadata.yaml, or a single .db3/.mcap file).
 
@@ -215,28 +225,58 @@ class RosBag:
     def topics_of_type(self, msgtypes: Sequence[str]) -> list[str]:
         return sorted(name for name, t in self.topics.items() if t.msgtype in msgtypes)
 
-    def messages(self, topics: Sequence[str]) -> Iterator[BagMessage]:
-        """Deserialised messages of `topics`, in the order the bag stores them."""
+    def pick_topic(self, name: str | None, msgtypes: Sequence[str], *, kind: str, role: str, how_to_choose: str) -> str:
+        """`name` checked against `msgtypes`, or with None the bag's only topic of those types.
+
+        BagError when there is no such topic or several ("bag B has 2 <kind> [...]; <how_to_choose>",
+        with the bag's topics), or when `name` is missing or of another type.
+        """
+        if name is None:
+            found = self.topics_of_type(msgtypes)
+            if len(found) != 1:
+                raise BagError(f"bag {str(self.path)!r} has {len(found)} {kind} {found}; {how_to_choose} "
+                               f"(topics: {self.describe_topics()})")
+            name = found[0]
+        self.require_topic(name, msgtypes, role=role)
+        return name
+
+    @property
+    def time_range_ns(self) -> tuple[int, int]:
+        """(first, last) receive time of the bag's messages, in ns."""
+        return int(self._reader.start_time), int(self._reader.end_time)
+
+    def raw_messages(self, topics: Sequence[str], start_ns: int | None = None,
+                     stop_ns: int | None = None) -> Iterator[RawBagMessage]:
+        """Serialised messages of `topics` received in [start_ns, stop_ns), in the order the bag stores them."""
         for name in topics:
             self.require_topic(name)
-        connections = [c for c in self._reader.connections if c.topic in set(topics)]
+        wanted = set(topics)
+        connections = [c for c in self._reader.connections if c.topic in wanted]
         if not connections:
             return
-        iterator = self._reader.messages(connections=connections)
+        iterator = self._reader.messages(connections=connections, start=start_ns, stop=stop_ns)
         while True:
             try:
-                item = next(iterator)
-                connection, receive_ns, raw = item
-                msg = self.typestore.deserialize_cdr(raw, connection.msgtype)
+                connection, receive_ns, raw = next(iterator)
             except StopIteration:
                 return
-            except BagError:
-                raise
             except _storage_errors() as exc:
                 raise BagError(
-                    f"bag {str(self.path)!r} is corrupt or truncated (while reading {list(topics)}): {exc}"
+                    f"bag {str(self.path)!r} is corrupt or truncated (while reading {sorted(wanted)}): {exc}"
                 ) from exc
-            yield BagMessage(connection.topic, connection.msgtype, int(receive_ns), msg)
+            yield RawBagMessage(connection.topic, connection.msgtype, int(receive_ns), bytes(raw))
+
+    def messages(self, topics: Sequence[str]) -> Iterator[BagMessage]:
+        """Deserialised messages of `topics`, in the order the bag stores them."""
+        for raw in self.raw_messages(topics):
+            try:
+                msg = self.typestore.deserialize_cdr(raw.data, raw.msgtype)
+            except _storage_errors() as exc:
+                raise BagError(
+                    f"bag {str(self.path)!r} is corrupt or truncated (a {raw.msgtype} on {raw.topic!r} "
+                    f"does not decode): {exc}"
+                ) from exc
+            yield BagMessage(raw.topic, raw.msgtype, raw.receive_ns, msg)
 
 
 def list_topics(path: str | Path, typestore: str | None = None) -> list[TopicSummary]:
@@ -398,34 +438,16 @@ class BagFrames:
     # -- set-up
 
     def _pick_image_topic(self, bag: RosBag) -> str:
-        topic = self.options.image_topic
-        if topic is None:
-            found = bag.topics_of_type(IMAGE_TYPES)
-            if len(found) != 1:
-                raise BagError(
-                    f"bag {str(self.path)!r} has {len(found)} camera topics {found}; choose one with "
-                    f"the image topic option (topics: {bag.describe_topics()})"
-                )
-            topic = found[0]
-        bag.require_topic(topic, IMAGE_TYPES, role="image topic")
-        return topic
+        return bag.pick_topic(self.options.image_topic, IMAGE_TYPES, kind="camera topics", role="image topic",
+                              how_to_choose="choose one with the image topic option")
 
     def _pick_instruction_topic(self, bag: RosBag) -> str | None:
         if self.options.instruction is not None:
             if not self.options.instruction.strip():
                 raise ValueError("the instruction is empty")
             return None
-        topic = self.options.instruction_topic
-        if topic is None:
-            found = bag.topics_of_type((MSG_STRING,))
-            if len(found) != 1:
-                raise BagError(
-                    f"bag {str(self.path)!r} has {len(found)} std_msgs/String topics {found}; give an "
-                    f"instruction or an instruction topic (topics: {bag.describe_topics()})"
-                )
-            topic = found[0]
-        bag.require_topic(topic, (MSG_STRING,), role="instruction topic")
-        return topic
+        return bag.pick_topic(self.options.instruction_topic, (MSG_STRING,), kind="std_msgs/String topics",
+                              role="instruction topic", how_to_choose="give an instruction or an instruction topic")
 
     def _load_side_series(self, bag: RosBag) -> None:
         opts = self.options

@@ -15,7 +15,10 @@ bag; this module reads that bag back and scores it against the source bag's grou
   computed from (the player logs which original frame each published image was), with the
   open-loop metrics of `metrics.action_metrics`;
 - **command tracking**: the twist stream against the truth turned into a velocity (delta / dt), at
-  the bag time each command corresponds to.
+  the bag time each command corresponds to;
+- **joint commands** (when the replay also ran ik_node): how many joint targets it sent, their rate
+  and period error against ik_node's ``rate_hz``, how many distinct positions were commanded (did
+  the arm get told to move) and the largest step between consecutive commands.
 
 `ReplayOptions` are the ``openvla-ros eval replay`` options shared with the node bringup.
 """
@@ -29,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .bags import MSG_STRING, TWIST_DIM_NAMES, BagFrames, BagReadOptions, RosBag
+from .bags import (MSG_FLOAT64_ARRAY, MSG_JOINT_STATE, MSG_JOINT_TRAJECTORY, MSG_STRING, TWIST_DIM_NAMES, BagError,
+                   BagFrames, BagReadOptions, RosBag)
 from .metrics import action_metrics, latency_stats, mae, rmse
 from .open_loop import EvalResult, align_dims
 from .report import (PLOT_ERRORS, PLOT_LATENCY, PLOT_PREDICTIONS, REPORT_MD, SUMMARY_JSON, new_figure, histogram,
@@ -52,6 +56,8 @@ RECORDED_TOPICS = {
     INSTRUCTION_TOPIC: MSG_STRING,
 }
 RECORDED_BAG = "replay_bag"
+# Message types ik_node can command the arm with (its `output_type` parameter picks one).
+JOINT_COMMAND_TYPES = (MSG_JOINT_TRAJECTORY, MSG_JOINT_STATE, MSG_FLOAT64_ARRAY)
 PLOT_COMMANDS = "commands_vs_truth.png"
 PLOT_INTERVALS = "command_intervals.png"
 
@@ -74,7 +80,14 @@ class ReplayOptions:
     storage: str = "mcap"  # of the recorded bag
     vla_params_file: str | None = None  # vla_node parameter file
     vla_parameters: dict = field(default_factory=dict)  # vla_node parameter overrides
+    ik_params_files: tuple[str, ...] = ()  # ik_node parameter files, in order (empty: no ik_node)
+    ik_parameters: dict = field(default_factory=dict)  # ik_node parameter overrides
+    joint_states_topic: str | None = None  # the bag's JointState topic for ik_node (None: its only one)
     startup_timeout_s: float = 20.0
+
+    @property
+    def ik_enabled(self) -> bool:
+        return bool(self.ik_params_files)
 
     def validated(self) -> "ReplayOptions":
         if not (np.isfinite(self.drain_s) and self.drain_s >= 0):
@@ -83,6 +96,15 @@ class ReplayOptions:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
         if self.vla_params_file is not None and not Path(self.vla_params_file).is_file():
             raise ValueError(f"vla_node parameter file {self.vla_params_file!r} does not exist")
+        if isinstance(self.ik_params_files, (str, Path)):
+            raise ValueError(f"ik_params_files must be a sequence of paths, got one path {self.ik_params_files!r}")
+        for path in self.ik_params_files:
+            if not Path(path).is_file():
+                raise ValueError(f"ik_node parameter file {str(path)!r} does not exist")
+        if not self.ik_enabled and (self.ik_parameters or self.joint_states_topic is not None):
+            given = sorted(self.ik_parameters) + (["joint_states_topic"] if self.joint_states_topic is not None else [])
+            raise ValueError(f"ik_node settings {given} given without ik_node parameter files (--ik-params FILE): "
+                             "ik_node only runs with them")
         return self
 
     def read_options(self, dt: float) -> BagReadOptions:
@@ -140,6 +162,27 @@ def load_source_frames(bag: str | Path, options: ReplayOptions, dt: float) -> So
 
 
 @dataclass(frozen=True)
+class SourceJointStates:
+    """The source bag's JointState topic that ik_node gets as its measured state."""
+
+    topic: str
+    count: int
+    max_gap_s: float  # longest interval between two of its messages in the bag (0 with fewer than two)
+
+
+def source_joint_states(bag: str | Path, options: ReplayOptions) -> SourceJointStates:
+    """`options.joint_states_topic`, else the bag's only sensor_msgs/JointState topic (BagError listing the topics)."""
+    with RosBag(bag, options.typestore) as source:
+        topic = source.pick_topic(options.joint_states_topic, (MSG_JOINT_STATE,),
+                                  kind="sensor_msgs/msg/JointState topics", role="joint states topic",
+                                  how_to_choose="ik_node needs the arm's joint states: choose the topic with the "
+                                                "joint states topic option")
+        times = np.asarray([m.receive_ns for m in source.raw_messages([topic])], dtype=np.int64)
+    gap = float(np.diff(np.sort(times)).max()) * 1e-9 if len(times) > 1 else 0.0
+    return SourceJointStates(topic=topic, count=int(len(times)), max_gap_s=gap)
+
+
+@dataclass(frozen=True)
 class PublishedFrame:
     """One camera frame as the player published it: its stamp in the bag and the stamp it went out with."""
 
@@ -192,6 +235,97 @@ class RecordedStream:
                    status_receive_ns=np.asarray(status_rx, dtype=np.int64), status=status)
 
 
+@dataclass
+class JointCommands:
+    """ik_node's joint targets read back from the recorded bag."""
+
+    topic: str
+    msgtype: str
+    stamps_ns: np.ndarray  # (N,) header stamp where the message has a non-zero one, else receive time
+    stamp_source: str  # "header" or "receive"
+    positions: np.ndarray  # (N, J)
+    joint_names: list[str] | None  # None for Float64MultiArray (it carries no names)
+    skipped: int  # messages whose joint count differs from the first one's
+
+    @classmethod
+    def read(cls, path: str | Path, topic: str) -> "JointCommands":
+        stamps, receive, rows, names, skipped, msgtype = [], [], [], None, 0, ""
+        with RosBag(path) as bag:
+            if topic not in bag.topics:
+                return cls(topic, "", np.zeros(0, np.int64), "receive", np.zeros((0, 0)), None, 0)
+            msgtype = bag.require_topic(topic, JOINT_COMMAND_TYPES, role="joint command topic").msgtype
+            for item in bag.messages([topic]):
+                msg, stamp = item.msg, 0
+                if msgtype == MSG_JOINT_TRAJECTORY:
+                    if not len(msg.points):
+                        skipped += 1
+                        continue
+                    q, joint_names = msg.points[0].positions, list(msg.joint_names)
+                    stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+                elif msgtype == MSG_JOINT_STATE:
+                    q, joint_names = msg.position, list(msg.name)
+                    stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+                else:
+                    q, joint_names = msg.data, None
+                q = np.asarray(q, dtype=np.float64)
+                if rows and q.shape != rows[0].shape:
+                    skipped += 1
+                    continue
+                if names is None:
+                    names = joint_names
+                rows.append(q)
+                stamps.append(int(stamp))
+                receive.append(item.receive_ns)
+        # joint_trajectory_controller wants a zero stamp (start on receipt), so such commands are
+        # timed by when the recorder got them.
+        use_header = bool(stamps) and all(s != 0 for s in stamps)
+        times = np.asarray(stamps if use_header else receive, dtype=np.int64)
+        order = np.argsort(times, kind="stable")
+        q = np.stack(rows)[order] if rows else np.zeros((0, 0))
+        return cls(topic, msgtype, times[order], "header" if use_header else "receive", q, names, skipped)
+
+
+def joint_command_stats(commands: JointCommands, target_rate_hz: float | None = None) -> dict:
+    """Count, rate, period error against `target_rate_hz`, distinct positions and joint steps of `commands`."""
+    n = int(len(commands.stamps_ns))
+    t = commands.stamps_ns
+    span_s = (t[-1] - t[0]) * 1e-9 if n > 1 else 0.0
+    out: dict = {"topic": commands.topic, "msgtype": commands.msgtype or None, "count": n,
+                 "stamps": commands.stamp_source, "skipped": commands.skipped,
+                 "rate_hz": (n - 1) / span_s if span_s > 0 else None, "target_rate_hz": target_rate_hz,
+                 "interval_ms": interval_stats(t), "period_error_ms": {"p50": None, "p99": None, "max": None},
+                 "distinct_positions": 0, "joint_names": commands.joint_names, "joint_range_rad": None,
+                 "max_step_rad": None, "max_step_joint": None, "step_p99_rad": None}
+    if n > 1 and target_rate_hz:
+        error = np.abs(np.diff(t.astype(np.float64)) * 1e-6 - 1e3 / float(target_rate_hz))
+        out["period_error_ms"] = {"p50": float(np.percentile(error, 50)), "p99": float(np.percentile(error, 99)),
+                                  "max": float(error.max())}
+    if not n:
+        return out
+    q = commands.positions
+    names = commands.joint_names or [f"joint_{i}" for i in range(q.shape[1])]
+    out["distinct_positions"] = int(len(np.unique(q, axis=0)))
+    out["joint_range_rad"] = dict(zip(names, np.ptp(q, axis=0).tolist()))
+    if n > 1:
+        steps = np.abs(np.diff(q, axis=0))  # (N-1, J)
+        largest = np.unravel_index(int(np.argmax(steps)), steps.shape)
+        out["max_step_rad"] = float(steps[largest])
+        out["max_step_joint"] = names[largest[1]]
+        out["step_p99_rad"] = float(np.percentile(steps.max(axis=1), 99))
+    return out
+
+
+def last_status(path: str | Path, topic: str) -> dict | None:
+    """Key/values of the last DiagnosticArray on `topic` in the bag (None when it has none)."""
+    values = None
+    with RosBag(path) as bag:
+        if topic not in bag.topics:
+            return None
+        for item in bag.messages([topic]):
+            values = {kv.key: kv.value for entry in item.msg.status for kv in entry.values}
+    return values
+
+
 def interval_stats(stamps_ns: np.ndarray) -> dict:
     """Statistics of the intervals between consecutive stamps, in ms."""
     if len(stamps_ns) < 2:
@@ -242,8 +376,13 @@ def _stamp_lookup(published: Sequence[PublishedFrame]):
 
 
 def score_replay(recorded: str | Path, published: Sequence[PublishedFrame], source: SourceFrames, *,
-                 rate: float = 1.0, control_rate_hz: float | None = None) -> tuple[dict, dict]:
-    """(summary, series for plots) of one closed-loop replay."""
+                 rate: float = 1.0, control_rate_hz: float | None = None, joint_command_topic: str | None = None,
+                 ik_rate_hz: float | None = None, ik_status_topic: str | None = None) -> tuple[dict, dict]:
+    """(summary, series for plots) of one closed-loop replay.
+
+    With `joint_command_topic` (the replay ran ik_node) the summary's ``joint_commands`` section
+    scores ik_node's joint targets against its `ik_rate_hz`, with its last status from `ik_status_topic`.
+    """
     stream = RecordedStream.read(recorded)
     original_of = _stamp_lookup(published)
     summary: dict = {"frames_published": len(published), "commands": int(len(stream.twist_stamps_ns)),
@@ -295,6 +434,11 @@ def score_replay(recorded: str | Path, published: Sequence[PublishedFrame], sour
         if tracking is not None:
             summary["command_tracking"], series["tracking"] = tracking
     summary["unscored_chunks"] = summary["chunks"] - (summary["first_action"] or {}).get("frames", 0)
+    summary["joint_commands"] = None
+    if joint_command_topic is not None:
+        joints = joint_command_stats(JointCommands.read(recorded, joint_command_topic), ik_rate_hz)
+        joints["ik_final_status"] = last_status(recorded, ik_status_topic) if ik_status_topic else None
+        summary["joint_commands"] = joints
     return summary, series
 
 
@@ -396,6 +540,23 @@ def report_markdown(summary: dict, plots: dict[str, Path | None]) -> str:
         lines += ["## Commanded twist vs truth velocity", "", f"{tracking['samples']} commands ({tracking['unit']}).", "",
                   markdown_table(["dim", "MAE", "RMSE"],
                                  [[d, tracking["mae"][d], tracking["rmse"][d]] for d in tracking["dims"]])]
+    joints = summary.get("joint_commands")
+    if joints:
+        error = joints["period_error_ms"]
+        ik = joints.get("ik_final_status") or {}
+        lines += ["## Joint commands (ik_node)", "", markdown_table(["metric", "value"], [
+            ["topic", f"`{joints['topic']}` ({joints['msgtype'] or 'nothing recorded'})"],
+            ["commands", joints["count"]],
+            ["rate / target (Hz)", f"{_num(joints['rate_hz'])} / {_num(joints['target_rate_hz'])}"],
+            ["period error p50 / p99 / max (ms)", " / ".join(_num(error[k]) for k in ("p50", "p99", "max"))],
+            ["distinct commanded positions", joints["distinct_positions"]],
+            ["max step between commands (rad)", _num(joints["max_step_rad"])
+             + (f" ({joints['max_step_joint']})" if joints["max_step_joint"] else "")],
+            ["ik_node ticks / holds / reseeds",
+             # the status lists only counters that have counted something
+             " / ".join(ik.get(k, "0") if ik else "–"
+                        for k in ("counters.ticks", "counters.hold_ticks", "counters.reseeds"))],
+        ])]
     lines += ["## Plots", ""]
     for title, path in plots.items():
         if path is not None:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .bags import IMAGE_TYPES, MSG_STRING, BagError, RosBag, _storage_errors
+from .bags import IMAGE_TYPES, MSG_STRING, BagError, RosBag
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,7 @@ class BagPlayback:
             self.typestore = bag.typestore
             self.topics = self._select_topics(bag)
             self.latched = self._select_latched(bag)
-            reader = bag._reader  # raw access: bags.RosBag only hands out deserialised messages
-            self.bag_start_ns = int(reader.start_time)
-            self.bag_end_ns = int(reader.end_time)
+            self.bag_start_ns, self.bag_end_ns = bag.time_range_ns
             counts = sum(bag.topics[t].count for t in self.topics)
         self.t0_ns = self.bag_start_ns + int(round(self.options.start_offset_s * 1e9))
         if self.t0_ns > self.bag_end_ns:
@@ -198,19 +196,9 @@ class BagPlayback:
 
     def _raw(self, start: int | None = None, stop: int | None = None, topics: Sequence[str] | None = None
              ) -> Iterator[tuple[str, str, int, bytes]]:
-        wanted = set(self.topics if topics is None else topics)
         with RosBag(self.path, self.options.typestore) as bag:
-            reader = bag._reader
-            connections = [c for c in reader.connections if c.topic in wanted]
-            iterator = reader.messages(connections=connections, start=start, stop=stop)
-            while True:
-                try:
-                    connection, bag_ns, data = next(iterator)
-                except StopIteration:
-                    return
-                except _storage_errors() as exc:
-                    raise BagError(f"bag {str(self.path)!r} is corrupt or truncated: {exc}") from exc
-                yield connection.topic, connection.msgtype, int(bag_ns), bytes(data)
+            for raw in bag.raw_messages(list(self.topics if topics is None else topics), start, stop):
+                yield raw.topic, raw.msgtype, raw.receive_ns, raw.data
 
     def _restamp(self, topic: str, msgtype: str, data: bytes, bag_ns: int, pass_start_ns: int
                  ) -> tuple[bytes, int | None, int | None]:

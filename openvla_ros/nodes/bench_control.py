@@ -94,14 +94,18 @@ class StreamMonitor:
         rng = np.random.default_rng(0)
         self._frames = [rng.integers(0, 256, image_shape, dtype=np.uint8) for _ in range(4)]
         self._image_cls, self._fields = Image, rgb_to_image_fields
-        self.image_pub = self.node.create_publisher(Image, "/camera/image_raw", sensor_qos())
-        self.instruction_pub = self.node.create_publisher(String, "/vla/instruction", latched_qos())
+        # The camera has its own node and executor thread: building and publishing a frame must not
+        # delay the twist callbacks whose arrival times are the measurement.
+        self.camera_node = rclpy.create_node("bench_control_camera", context=context)
+        self.image_pub = self.camera_node.create_publisher(Image, "/camera/image_raw", sensor_qos())
+        self.instruction_pub = self.camera_node.create_publisher(String, "/vla/instruction", latched_qos())
         self._string_cls = String
         self.node.create_subscription(TwistStamped, "/vla/eef_delta", self._on_twist, 100)
         self.node.create_subscription(JointTrajectory, "/vla/action_chunk", self._on_chunk, 10)
         self.node.create_subscription(DiagnosticArray, "/vla/status", self._on_status, 10)
-        self.node.create_timer(1.0 / camera_hz, self._on_camera)
+        self.camera_node.create_timer(1.0 / camera_hz, self._on_camera)
         self.spinner = SpinningNode(self.node, context)
+        self.camera_spinner = SpinningNode(self.camera_node, context)
 
     def now(self) -> float:
         return self.node.get_clock().now().nanoseconds * 1e-9
@@ -122,7 +126,7 @@ class StreamMonitor:
         fields = self._fields(frame)
         msg = self._image_cls(height=fields.height, width=fields.width, encoding=fields.encoding, step=fields.step,
                               data=fields.data.tobytes())
-        msg.header.stamp = self.node.get_clock().now().to_msg()
+        msg.header.stamp = self.camera_node.get_clock().now().to_msg()
         msg.header.frame_id = "camera"
         self.image_pub.publish(msg)
         with self.lock:
@@ -150,12 +154,20 @@ class StreamMonitor:
             return list(self.twists), list(self.chunks), dict(self.status)
 
     def close(self):
+        self.camera_spinner.stop()
         self.spinner.stop()
 
 
 def period_errors_ms(times: list[float], period: float) -> np.ndarray:
     diffs = np.diff(np.asarray(times, dtype=np.float64))
     return np.abs(diffs - period) * 1e3
+
+
+def _number(text: str):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
 
 
 def summarise(twists, chunks, status, rate: float, t_start: float, t_end: float) -> dict:
@@ -193,12 +205,20 @@ def summarise(twists, chunks, status, rate: float, t_start: float, t_end: float)
         "e2e_latency_ms_p50": float(np.percentile(latencies, 50)) if latencies else None,
         "e2e_latency_ms_p95": float(np.percentile(latencies, 95)) if latencies else None,
         "measured_at": "receiver in another process (sender figures from header stamps)",
+        # vla_node's own control thread (control_timing thread): tick start after its deadline, last 1000 ticks.
+        "control_loop": {k[len("control_loop_"):]: _number(v) for k, v in status.items() if k.startswith("control_loop_")},
     }
 
 
 def bench_control(*, checkpoint=None, rate: float = 100.0, seconds: float = 10.0, camera_hz: float = 30.0,
                   warmup_s: float = 2.0, startup_timeout_s: float = 90.0, node_params: dict | None = None,
-                  progress=print) -> dict:
+                  receiver_priority: int = 0, progress=print) -> dict:
+    """vla_node in its own process, measured by a subscriber here (see the module docstring).
+
+    `receiver_priority` > 0 runs this process's threads (the subscriber's executor and its DDS
+    threads) at that SCHED_FIFO priority, as the arm's controller manager would run, so the figures
+    show the stream rather than this process waiting for a core.
+    """
     import rclpy
 
     if not (rate > 0 and seconds > 0 and camera_hz > 0):
@@ -219,6 +239,14 @@ def bench_control(*, checkpoint=None, rate: float = 100.0, seconds: float = 10.0
             params = {"checkpoint": checkpoint, "start_enabled": True, "control_rate_hz": float(rate), **(node_params or {})}
             with VlaNodeProcess(params, env, Path(tmp) / "vla_node.log") as node:
                 monitor = StreamMonitor(context, camera_hz=camera_hz)
+                receiver_realtime = None
+                if receiver_priority:
+                    from ..control.periodic import set_process_realtime
+
+                    why = set_process_realtime(receiver_priority)
+                    receiver_realtime = why is None
+                    if why:
+                        progress(f"[bench control] receiver stays at normal priority: {why}")
                 monitor.send_instruction("reach the red cube")
                 progress(f"[bench control] waiting for vla_node (domain {env['ROS_DOMAIN_ID']}) ...")
                 deadline = time.monotonic() + startup_timeout_s
@@ -245,4 +273,6 @@ def bench_control(*, checkpoint=None, rate: float = 100.0, seconds: float = 10.0
                     os.environ[k] = v
         result = summarise(twists, chunks, status, rate, t_start, t_end)
         result["node_params"] = dict(node_params or {})
+        result["receiver_priority"] = receiver_priority
+        result["receiver_realtime"] = receiver_realtime
         return result

@@ -1,13 +1,23 @@
-"""Closed-loop replay through ROS: bag_player -> vla_node -> recorder in one process, then scoring.
+"""Closed-loop replay through ROS: bag_player -> vla_node [-> ik_node] -> recorder in one process, then scoring.
 
     openvla-ros eval replay --checkpoint DIR --bag PATH --out DIR [--truth-topic T] [--rate R]
+        [--ik-params config/ik_node.yaml --ik-params config/robots/panda.yaml [--ik-param NAME:=VALUE]]
 
-Each node spins its own SingleThreadedExecutor on its own thread (one rclpy context for the
-three, so discovery stays inside this process's domain). The player publishes the bag's camera
+Each node spins its own SingleThreadedExecutor on its own thread (one rclpy context for them all,
+so discovery stays inside this process's domain). The player publishes the bag's camera
 (remapped to ``/camera/image_raw`` or ``.../compressed``) and instruction (``/vla/instruction``)
 with stamps of now, the real vla_node runs the engine and its chunk buffer, the recorder writes
 the stack's outputs into ``OUT/replay_bag``; `openvla_ros.eval.closed_loop` scores that bag
 against the source bag's truth and writes summary.json, report.md and plots.
+
+With ik_node parameter files, ik_node runs too: the player also plays the bag's joint states
+(remapped to ik_node's ``joint_states_topic``) as the arm's measured state, ik_node turns
+vla_node's twists into joint targets, and the recorder records them (and the forwarded gripper
+command) so the summary scores the joint commands the stack would have sent. vla_node stamps its
+twists with ik_node's base frame (ik_node refuses any other), and ik_node's joint-state timeout is
+widened to the bag's joint-state gaps unless ``--ik-param joint_state_timeout:=...`` sets it. The
+arm in the bag does not follow the commands: ik_node re-seeds from the bag's joint states when
+they drift apart (its reseed counter, in the report, says how often).
 """
 from __future__ import annotations
 
@@ -16,22 +26,34 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Sequence
 
-from ..eval.bags import MSG_COMPRESSED_IMAGE
-from ..eval.closed_loop import (CAMERA_TOPIC, INSTRUCTION_TOPIC, RECORDED_BAG, RECORDED_TOPICS, PublishedFrame,
-                                ReplayOptions, load_source_frames, score_replay, write_replay_outputs)
+from ..eval.bags import MSG_COMPRESSED_IMAGE, MSG_FLOAT64, MSG_FLOAT64_ARRAY, MSG_JOINT_STATE, MSG_JOINT_TRAJECTORY
+from ..eval.closed_loop import (CAMERA_TOPIC, GRIPPER_TOPIC, INSTRUCTION_TOPIC, RECORDED_BAG, RECORDED_TOPICS,
+                                TWIST_TOPIC, PublishedFrame, ReplayOptions, load_source_frames, score_replay,
+                                source_joint_states, write_replay_outputs)
 
 from .ros_common import SpinningNode
 
 log = logging.getLogger(__name__)
 
+IK_STATUS_TOPIC = "/ik_node/status"  # ik_node's ~/status
+IK_STATUS_MSGTYPE = "diagnostic_msgs/msg/DiagnosticArray"
+# A bag's joint states come at the rate they were recorded (5 Hz in the demo's bags); ik_node must
+# not call them stale between two samples, so its timeout covers the longest gap with this margin.
+JOINT_STATE_GAP_MARGIN = 1.5
+MAX_JOINT_STATE_TIMEOUT_S = 10.0  # ik_node's joint_state_timeout range ends here
 
-def _node_options(params: dict, params_file: str | None = None, remaps: dict | None = None) -> dict:
-    """make_node keyword arguments: a parameter file and remaps as ROS arguments, `params` as overrides (they win)."""
+
+def _node_options(params: dict, params_files: str | Sequence[str] | None = None, remaps: dict | None = None) -> dict:
+    """make_node keyword arguments: parameter files (in order) and remaps as ROS arguments, `params` as
+    overrides (they win)."""
     from rclpy.parameter import Parameter
 
     args = ["--ros-args"]
-    if params_file:
+    if isinstance(params_files, (str, Path)):
+        params_files = [params_files]
+    for params_file in params_files or ():
         args += ["--params-file", str(params_file)]
     for src, dst in (remaps or {}).items():
         args += ["-r", f"{src}:={dst}"]
@@ -46,9 +68,43 @@ def _wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def _ik_command_msgtype(output_type: str) -> str:
+    """The message type ik_node publishes its joint targets with for `output_type`."""
+    from . import ik_node  # not at import time: it loads pinocchio, which the CLI's parser does not need
+
+    return {ik_node.OUTPUT_JOINT_TRAJECTORY: MSG_JOINT_TRAJECTORY, ik_node.OUTPUT_FLOAT64_MULTI_ARRAY: MSG_FLOAT64_ARRAY,
+            ik_node.OUTPUT_JOINT_STATE: MSG_JOINT_STATE}[output_type]
+
+
+def _ik_overrides(options: ReplayOptions) -> dict:
+    """ik_node's parameter overrides: wired to vla_node's outputs, then the user's (typed, validated; they win)."""
+    from .bringup import coerce_override
+
+    return {"twist_topic": TWIST_TOPIC, "gripper_input_topic": GRIPPER_TOPIC,
+            **{k: coerce_override("ik_node", k, v) for k, v in options.ik_parameters.items()}}
+
+
+def _start_ik_node(context, options: ReplayOptions, overrides: dict, joint_states, rate: float):
+    """ik_node from the parameter files, its joint-state timeout widened to the bag's joint-state gaps."""
+    from rclpy.parameter import Parameter
+
+    from . import ik_node
+
+    ik = ik_node.make_node(context=context, **_node_options(overrides, options.ik_params_files))
+    needed = min(MAX_JOINT_STATE_TIMEOUT_S, JOINT_STATE_GAP_MARGIN * joint_states.max_gap_s / rate)
+    if "joint_state_timeout" not in options.ik_parameters and needed > ik.params["joint_state_timeout"]:
+        log.info("ik_node joint_state_timeout %.3f s -> %.3f s: %s has gaps of up to %.3f s",
+                 ik.params["joint_state_timeout"], needed, joint_states.topic, joint_states.max_gap_s)
+        result = ik.set_parameters([Parameter("joint_state_timeout", value=needed)])[0]
+        if not result.successful:
+            ik.destroy_node()
+            raise ValueError(f"cannot set ik_node joint_state_timeout to {needed:.3f} s: {result.reason}")
+    return ik
+
+
 def run_replay(engine, bag, out_dir, options: ReplayOptions | None = None, *, context=None,
                progress: bool = True, plots: bool = True) -> dict:
-    """Replay `bag` through vla_node running `engine`; returns the summary (also in OUT/summary.json)."""
+    """Replay `bag` through vla_node (and ik_node) running `engine`; returns the summary (also in OUT/summary.json)."""
     import rclpy
 
     from . import bag_player, recorder, vla_node
@@ -58,6 +114,10 @@ def run_replay(engine, bag, out_dir, options: ReplayOptions | None = None, *, co
     source = load_source_frames(bag, options, float(engine.dt))
     if not len(source.stamps_ns):
         raise ValueError(f"bag {str(bag)!r} gave no frames to replay: {source.sync}")
+    joint_states, ik_overrides = None, {}
+    if options.ik_enabled:  # before anything starts: a bag without joint states is a clear error
+        ik_overrides = _ik_overrides(options)
+        joint_states = source_joint_states(bag, options)
     recorded = out / RECORDED_BAG
     if recorded.exists():
         if not (recorded / "metadata.yaml").exists():
@@ -82,9 +142,36 @@ def run_replay(engine, bag, out_dir, options: ReplayOptions | None = None, *, co
     published: list[PublishedFrame] = []
     bar = None
     harness = None
+    ik_info = None
+    recorded_topics = dict(RECORDED_TOPICS)
     try:
+        if joint_states is not None:
+            ik = _start_ik_node(context, options, ik_overrides, joint_states, float(options.rate))
+            spinners.append(SpinningNode(ik, context))  # stopped last: it only feeds the recorder
+            ikp = ik.params
+            # ik_node refuses twists stamped with another frame than its base frame.
+            if "base_frame" in options.vla_parameters and options.vla_parameters["base_frame"] != ikp["base_frame"]:
+                raise ValueError(f"vla_node base_frame {options.vla_parameters['base_frame']!r} differs from "
+                                 f"ik_node's {ikp['base_frame']!r}: ik_node would refuse every twist")
+            vla_params["base_frame"] = ikp["base_frame"]
+            if ikp["joint_states_topic"] != joint_states.topic:
+                remaps[joint_states.topic] = ikp["joint_states_topic"]
+            played.append(joint_states.topic)
+            recorded_topics[ikp["command_topic"]] = _ik_command_msgtype(ikp["output_type"])
+            if ikp["gripper_command_topic"]:
+                recorded_topics[ikp["gripper_command_topic"]] = MSG_FLOAT64
+            recorded_topics[IK_STATUS_TOPIC] = IK_STATUS_MSGTYPE
+            ik_info = {"params_files": [str(f) for f in options.ik_params_files],
+                       "parameters": dict(options.ik_parameters), "source_joint_states_topic": joint_states.topic,
+                       "source_joint_states": joint_states.count,
+                       **{k: ikp[k] for k in ("base_frame", "tip_frame", "rate_hz", "output_type", "command_topic",
+                                              "gripper_command_topic", "joint_states_topic", "joint_state_timeout")}}
+            if ik.controller is None:  # no URDF parameter: it waits for robot_description_topic
+                _wait(lambda: ik.controller is not None, options.startup_timeout_s,
+                      f"ik_node got no robot model (set --ik-param urdf_path:=FILE, or use_sim_urdf:=true for "
+                      f"the simulated Panda, or publish {ikp['robot_description_topic'] or 'robot_description'})")
         rec = recorder.make_node(context=context, **_node_options({
-            "topics": [f"{t}:{m}" for t, m in RECORDED_TOPICS.items()], "out_dir": str(out),
+            "topics": [f"{t}:{m}" for t, m in recorded_topics.items()], "out_dir": str(out),
             "name_pattern": RECORDED_BAG, "storage": options.storage, "start_recording": True,
             "discovery_period_s": 0.05}))
         spinners.append(SpinningNode(rec, context))
@@ -99,7 +186,7 @@ def run_replay(engine, bag, out_dir, options: ReplayOptions | None = None, *, co
             harness = rclpy.create_node("replay_instruction", context=context)
             harness.create_publisher(String, INSTRUCTION_TOPIC, latched_qos()).publish(String(data=options.instruction))
         # vla_node's outputs exist now; the instruction's publisher (player or harness) may come later.
-        needed = set(RECORDED_TOPICS) - {INSTRUCTION_TOPIC}
+        needed = set(recorded_topics) - {INSTRUCTION_TOPIC}
         _wait(lambda: set(rec.subscribed) >= needed, options.startup_timeout_s,
               f"the recorder did not subscribe to {sorted(needed)}")
 
@@ -130,19 +217,22 @@ def run_replay(engine, bag, out_dir, options: ReplayOptions | None = None, *, co
     finally:
         if bar is not None:
             bar.close()
-        for spinner in reversed(spinners):  # player, vla_node, then the recorder closes its bag
+        for spinner in reversed(spinners):  # player, vla_node, then the recorder closes its bag (then ik_node)
             spinner.stop()
         if harness is not None:
             harness.destroy_node()
         if own_context:
             rclpy.shutdown(context=context)
 
-    summary, series = score_replay(recorded, published, source, rate=options.rate, control_rate_hz=control_rate_hz)
+    summary, series = score_replay(
+        recorded, published, source, rate=options.rate, control_rate_hz=control_rate_hz,
+        joint_command_topic=ik_info["command_topic"] if ik_info else None,
+        ik_rate_hz=ik_info["rate_hz"] if ik_info else None, ik_status_topic=IK_STATUS_TOPIC if ik_info else None)
     summary = {"bag": str(bag), "recorded_bag": str(recorded), "image_topic": source.image_topic,
                "truth_topic": options.truth_topic, "rate": options.rate, "dt": source.dt, "sync": source.sync,
                "checkpoint": engine_info.get("checkpoint"),
                "engine": {"name": getattr(engine, "name", type(engine).__name__), **dict(engine_info)},
-               **summary}
+               "ik": ik_info, **summary}
     write_replay_outputs(summary, series, out, plots=plots)
     return summary
 
@@ -188,6 +278,13 @@ def add_replay_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--params-file", default=None, help="vla_node parameter file (e.g. config/vla_node.yaml)")
     p.add_argument("-p", "--param", action="append", type=_parameter_pair, default=[], metavar="NAME:=VALUE",
                    help="vla_node parameter override (repeatable), e.g. -p blend_policy:=crossfade")
+    p.add_argument("--ik-params", action="append", default=[], metavar="FILE",
+                   help="run ik_node too, with this parameter file (repeatable, in order), e.g. "
+                        "--ik-params config/ik_node.yaml --ik-params config/robots/panda.yaml")
+    p.add_argument("--ik-param", action="append", type=_parameter_pair, default=[], metavar="NAME:=VALUE",
+                   help="ik_node parameter override (repeatable), e.g. --ik-param use_sim_urdf:=true")
+    p.add_argument("--joint-states-topic", default=None,
+                   help="the bag's sensor_msgs/JointState topic ik_node gets (default: the bag's only one)")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_replay)
     return p
@@ -200,7 +297,9 @@ def cmd_replay(args) -> int:
         image_topic=args.image_topic, instruction=args.instruction, instruction_topic=args.instruction_topic,
         truth_topic=args.truth_topic, gripper_topic=args.gripper_topic, sync=args.sync, tolerance=args.tolerance,
         typestore=args.typestore, rate=args.rate, start_offset_s=args.start_offset, drain_s=args.drain,
-        storage=args.storage, vla_params_file=args.params_file, vla_parameters=dict(args.param)).validated()
+        storage=args.storage, vla_params_file=args.params_file, vla_parameters=dict(args.param),
+        ik_params_files=tuple(args.ik_params), ik_parameters=dict(args.ik_param),
+        joint_states_topic=args.joint_states_topic).validated()
     engine = create_engine(args.engine, args.checkpoint, device=args.device, dtype=args.dtype,
                            unnorm_key=args.unnorm_key, center_crop=args.center_crop, rotate_180=args.rotate_180)
     try:
@@ -214,6 +313,10 @@ def cmd_replay(args) -> int:
           f"latency p50 {latency['p50'] or 0:.1f} ms, underrun fraction {summary['underrun_fraction']}")
     if summary["mae"]:
         print("first-action MAE " + " ".join(f"{k}={v:.4g}" for k, v in summary["mae"].items()))
+    joints = summary.get("joint_commands")
+    if joints:
+        print(f"joint commands {joints['count']} on {joints['topic']} at {joints['rate_hz'] or 0:.1f} Hz, "
+              f"{joints['distinct_positions']} distinct positions, max step {joints['max_step_rad'] or 0:.4g} rad")
     print(f"report written to {Path(args.out) / 'report.md'}")
     return 0
 

@@ -9,8 +9,10 @@ live in `openvla_ros.control.vla_controller`; this node only converts messages.
 from __future__ import annotations
 
 import collections
+import sys
 
 from ..control.chunk_buffer import POLICIES, ActionMapping, ChunkBuffer
+from ..control.periodic import PeriodicLoop
 from ..control.vla_controller import (GRIPPER_MODES, HOLD_DISABLED, HOLD_NO_INSTRUCTION, HOLD_STOPPED, HOLD_UNDERRUN,
                                       STATE_FOLLOWING, VlaController)
 from ..imaging import decode_compressed_image, image_fields_to_rgb
@@ -54,6 +56,15 @@ PARAMS = [
     ParamSpec("gripper_invert", False, "negate the mapped gripper command", read_only=True),
     ParamSpec("inference_process", False, "run the engine in a child process, so its Python work (preprocessing, "
               "decode loop) never competes with the control timer for the GIL", read_only=True),
+    ParamSpec("control_timing", "thread", "what times the twist stream: a dedicated thread with absolute deadlines "
+              "(lowest jitter; wall clock) or an rclpy timer on the executor (follows /clock; always used with "
+              "use_sim_time)", choices=("thread", "executor"), read_only=True),
+    ParamSpec("control_thread_priority", 10, "control_timing thread: SCHED_FIFO priority of the control thread "
+              "(0 = normal scheduling; needs CAP_SYS_NICE or an rtprio limit, else it runs at normal priority "
+              "with a warning)", min=0, max=99, read_only=True),
+    ParamSpec("gil_switch_interval_s", 0.0005, "Python's thread switch interval for this process (0 = leave the "
+              "default 5 ms): how long the control thread can wait for the GIL behind another thread",
+              "s", min=0.0, max=0.1, read_only=True),
     ParamSpec("publish_action_chunk", True, "publish each chunk on /vla/action_chunk (debug, recording)", read_only=True),
 ]
 
@@ -129,7 +140,16 @@ def _make_node_class():
             self.create_subscription(String, p["instruction_topic"], self._on_instruction, latched_qos())
             self.create_service(SetBool, "~/enable", self._on_enable)
             self.create_service(Trigger, "~/stop", self._on_stop)
-            self.create_timer(self.period, self._on_tick)
+            if p["gil_switch_interval_s"] > 0:
+                sys.setswitchinterval(p["gil_switch_interval_s"])
+            self.control_loop = None
+            if p["control_timing"] == "thread" and not self.get_parameter("use_sim_time").value:
+                self.control_loop = PeriodicLoop(self.period, lambda deadline: self._on_tick(), name="vla_control",
+                                                 realtime_priority=p["control_thread_priority"])
+            else:
+                if p["control_timing"] == "thread":
+                    self.get_logger().info("use_sim_time: the control stream follows /clock on an rclpy timer")
+                self.create_timer(self.period, self._on_tick)
             self.create_timer(1.0 / p["status_rate_hz"], self._on_status)
             self._level = diagnostic_level(ok_states=(STATE_FOLLOWING,),
                                            warn_states=(HOLD_DISABLED, HOLD_STOPPED, HOLD_NO_INSTRUCTION, HOLD_UNDERRUN))
@@ -137,6 +157,8 @@ def _make_node_class():
             self._twist_cls, self._float_cls = TwistStamped, Float64
             self._stamp_to_seconds, self._seconds_to_stamp = stamp_to_seconds, seconds_to_stamp
             self.controller.start()
+            if self.control_loop is not None:
+                self.control_loop.start()
             self.get_logger().info(f"vla_node ready: engine {self.engine.name}, {p['control_rate_hz']:.0f} Hz, "
                                    f"{'enabled' if p['start_enabled'] else 'waiting for ~/enable'}")
 
@@ -190,10 +212,13 @@ def _make_node_class():
                 self.controller.stale_image_timeout_s = value
 
         # outputs
-        def _on_tick(self):
-            out = self.controller.tick(self.period)
+        def _on_tick(self):  # control thread (or executor timer with use_sim_time)
+            # One clock read: the stamp is the instant the buffer was sampled for, taken before any work
+            # of the tick (so the time the tick takes never shows up as jitter in the stamps).
+            now = self.get_clock().now()
+            out = self.controller.tick(self.period, now=now.nanoseconds * 1e-9)
             msg = self._twist_cls()
-            msg.header.stamp = self.get_clock().now().to_msg()
+            msg.header.stamp = now.to_msg()
             msg.header.frame_id = self.params["base_frame"]
             msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = (float(v) for v in out.linear)
             msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = (float(v) for v in out.angular)
@@ -218,10 +243,19 @@ def _make_node_class():
 
         def _on_status(self):
             status = self.controller.status()
+            if self.control_loop is not None:
+                status.update({f"control_loop_{k}": v for k, v in self.control_loop.status().items()})
             for pub in (self.status_pub, self.diag_pub):
                 pub.publish(diagnostic_array(self, "openvla_ros: vla_node", status, level_of_state=self._level))
 
+        def destroy_node(self):
+            if self.control_loop is not None:  # no tick may publish through a destroyed node
+                self.control_loop.stop()
+            return super().destroy_node()
+
         def close(self):
+            if self.control_loop is not None:
+                self.control_loop.stop()
             self.controller.shutdown()
 
     return VlaNode

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .data import EpisodeReadOptions
 from .stats import DEFAULT_NORMALIZATION, NORMALIZATION_TYPES
-from .trainer import LORA_SCOPES, MODEL_PARTS, QUANTIZE_MODES, DatasetConfig, TrainConfig, run_training
+from .trainer import LORA_SCOPES, LR_SCHEDULES, MODEL_PARTS, QUANTIZE_MODES, DatasetConfig, TrainConfig, run_training
 
 DEFAULTS = TrainConfig(out_dir="", datasets=[])
 
@@ -57,6 +57,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--lr", type=float, default=DEFAULTS.lr)
     train.add_argument("--weight-decay", type=float, default=DEFAULTS.weight_decay)
     train.add_argument("--warmup-steps", type=int, default=DEFAULTS.warmup_steps)
+    train.add_argument("--lr-schedule", default=DEFAULTS.lr_schedule, choices=LR_SCHEDULES,
+                       help="after the warm-up: constant (the reference) or cosine to --min-lr-ratio x lr")
+    train.add_argument("--min-lr-ratio", type=float, default=DEFAULTS.min_lr_ratio)
     train.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm)
     train.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank)
     train.add_argument("--lora-alpha", type=float, default=None)
@@ -68,6 +71,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help="QLoRA base weights (CUDA only)")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--no-augment", action="store_true", help="no random crop / colour jitter")
+    train.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers, metavar="N",
+                       help="DataLoader worker processes building batches (0: in the training process)")
     train.add_argument("--device", default="cpu")
     train.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     train.add_argument("--save-every", type=int, default=DEFAULTS.save_every)
@@ -106,10 +111,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         scratch_vision_backbone=args.scratch_vision, chunk_len=args.chunk, normalization=args.normalization,
         val_fraction=args.val_fraction, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule, min_lr_ratio=args.min_lr_ratio,
         max_grad_norm=args.max_grad_norm, lora_rank=0 if full else args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_scope=args.lora_scope,
         train_parts=list(MODEL_PARTS) if full else list(args.train), quantize=args.quantize,
-        gradient_checkpointing=args.gradient_checkpointing, augment=not args.no_augment, device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing, augment=not args.no_augment, num_workers=args.num_workers,
+        device=args.device,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         max_val_samples=args.max_val_samples, cache_dir=args.cache_dir, resume=not args.no_resume,
         save_adapter=args.save_adapter, progress=not args.no_progress)

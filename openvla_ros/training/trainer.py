@@ -12,6 +12,11 @@ Determinism: the samples of step s, their augmentation seeds and the dropout see
 global batch. So a resumed run repeats the uninterrupted one exactly, and N processes with batch b
 compute the same update as one process with batch N*b (`torchrun --nproc_per_node N`; gloo on CPU,
 NCCL on CUDA).
+
+Batches are built (image decoding, augmentation, tokenisation) by a torch DataLoader, in the
+training process (`num_workers=0`) or in worker processes. Which samples fill a step and their
+augmentation seeds are decided in the training process by the schedule, so the workers only do
+the work: the batches, and so the weights, do not depend on the number of workers.
 """
 from __future__ import annotations
 
@@ -20,11 +25,12 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,8 +59,9 @@ CONFIG_KEY_TRAINING = "openvla_ros_training"  # run summary stored in config.jso
 MAX_SHARD_BYTES = 4 * 1024 ** 3
 SKIPPED_BASE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # weights are rewritten, not copied
 # Fields that may change between a run and its resumption (everything else must match).
+LR_SCHEDULES = ("constant", "cosine")
 RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "log_every", "progress", "max_val_samples", "resume",
-                     "save_adapter", "out_dir"}
+                     "save_adapter", "out_dir", "num_workers"}
 
 
 @dataclass
@@ -87,6 +94,8 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (after the warm-up, down to min_lr_ratio * lr at `steps`)
+    min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0  # 0: no clipping
     lora_rank: int = 32  # 0: no LoRA
     lora_alpha: float | None = None  # None: min(rank, 16), as the reference
@@ -96,6 +105,7 @@ class TrainConfig:
     quantize: str | None = None  # "4bit" / "8bit" base weights (QLoRA), CUDA only
     gradient_checkpointing: bool = False
     augment: bool = True
+    num_workers: int = 0  # DataLoader worker processes building batches; 0: in the training process
     device: str = "cpu"
     eval_every: int = 100
     save_every: int = 100
@@ -122,8 +132,14 @@ class TrainConfig:
         for name, value in (("steps", self.steps), ("batch_size", self.batch_size), ("grad_accum", self.grad_accum)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if isinstance(self.num_workers, bool) or int(self.num_workers) != self.num_workers or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         if self.chunk_len is not None and self.chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {self.chunk_len}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not (math.isfinite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lora_rank < 0:
@@ -271,6 +287,90 @@ class BatchSchedule:
             out.append((d, self._row(d, cursors[d])))
             cursors[d] += 1
         return out
+
+
+@dataclass
+class MicroBatchKey:
+    """One micro-batch as the training process plans it; a DataLoader worker turns it into tensors."""
+
+    step: int
+    micro: int
+    refs: list[tuple[int, int, int | None]]  # this rank's slots: (dataset, row, augmentation seed)
+    total_labels: int  # labelled tokens of the whole global batch of `step` (the loss normaliser)
+    cursors: list[int]  # the schedule's per-dataset positions after `step` (resumable state)
+
+
+class StepPlan:
+    """The DataLoader's sampler: the micro-batches of steps start..steps-1 of this rank, in order.
+
+    Runs in the training process, so the choice of samples and their seeds never depends on the
+    workers; it runs ahead of training by the loader's prefetch, which is why each key carries the
+    cursors of its own step instead of the plan's current ones.
+    """
+
+    def __init__(self, config: "TrainConfig", schedule: BatchSchedule, split: SplitData, *, start_step: int,
+                 cursors: Sequence[int], rank: int, world: int, action_dim: int):
+        self.config, self.schedule, self.split = config, schedule, split
+        self.start_step, self.cursors = int(start_step), [int(c) for c in cursors]
+        self.rank, self.world, self.action_dim = int(rank), int(world), int(action_dim)
+
+    def __len__(self) -> int:
+        return max(0, self.config.steps - self.start_step) * self.config.grad_accum
+
+    def __iter__(self) -> Iterator[MicroBatchKey]:
+        config, split = self.config, self.split
+        micro = config.batch_size
+        per_rank = micro * config.grad_accum
+        cursors = list(self.cursors)
+        for step in range(self.start_step, config.steps):
+            refs = self.schedule.batch(step, per_rank * self.world, cursors)
+            # Labelled tokens of the whole global batch: valid chunk steps x D, plus EOS, per sample.
+            total_labels = sum(int(split.chunks[(d, int(split.samples[d][r][0]))][1][int(split.samples[d][r][1])].sum())
+                               * self.action_dim + 1 for d, r in refs)
+            slot0 = self.rank * per_rank
+            mine = refs[slot0:slot0 + per_rank]
+            after = list(cursors)
+            for m in range(config.grad_accum):
+                part = mine[m * micro:(m + 1) * micro]
+                seeded = [(d, r, derived_seed(config.seed, step, slot0 + m * micro + j) if config.augment else None)
+                          for j, (d, r) in enumerate(part)]
+                yield MicroBatchKey(step=step, micro=m, refs=seeded, total_labels=total_labels, cursors=after)
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Map-style dataset indexed by MicroBatchKey: (key, collated batch)."""
+
+    def __init__(self, split: SplitData, collator: ActionCollator):
+        self.split, self.collator = split, collator
+
+    def __getitem__(self, key: MicroBatchKey):
+        return key, self.collator([self.split.sample(d, r, seed) for d, r, seed in key.refs])
+
+
+def _as_is(item):
+    return item
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed the global generators of a worker from its torch seed (the loader's generator + worker id).
+
+    Augmentation draws from each sample's own seed; this keeps any library code that reaches for a
+    global generator just as reproducible instead of inheriting the parent's state at fork time.
+    """
+    seed = torch.initial_seed()
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def make_loader(plan: StepPlan, split: SplitData, collator: ActionCollator, *, num_workers: int, seed: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader over a StepPlan; each item is one (MicroBatchKey, batch)."""
+    workers = num_workers > 0
+    generator = torch.Generator().manual_seed(derived_seed(seed, 3, plan.start_step))
+    return torch.utils.data.DataLoader(
+        MicroBatches(split, collator), batch_size=None, sampler=plan, collate_fn=_as_is, num_workers=num_workers,
+        persistent_workers=workers, worker_init_fn=_seed_worker if workers else None, generator=generator,
+        pin_memory=pin_memory and workers)
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -465,8 +565,14 @@ def derived_seed(*parts: int) -> int:
 
 
 def _lr_at(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant (the reference's fine-tuning) or cosine down to min_lr_ratio * lr."""
     if config.warmup_steps and step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        span = max(config.steps - config.warmup_steps, 1)
+        progress = min(max(step - config.warmup_steps, 0) / span, 1.0)
+        floor = config.min_lr_ratio
+        return config.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
     return config.lr
 
 
@@ -518,8 +624,13 @@ def prepare_data(config: TrainConfig, ctx: DistContext, cache_dir: Path) -> list
     return datasets
 
 
-def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_counter) -> TrainResult:
-    """Train as configured; returns where the merged checkpoint is and the final metrics."""
+def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_counter,
+                 on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """Train as configured; returns where the merged checkpoint is and the final metrics.
+
+    `on_step(step, seconds, loss)` is called after each optimizer step with the step's time on
+    `clock` (batch loading, forward, backward, optimizer; not validation or saving).
+    """
     config = config.validated()
     device = config.device
     ctx = init_distributed(device)
@@ -626,14 +737,13 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}, tmp)
         os.replace(tmp, state_path)
 
+    plan = StepPlan(config, schedule, train, start_step=step, cursors=cursors, rank=ctx.rank, world=ctx.world,
+                    action_dim=action_dim)
+    loader = make_loader(plan, train, collator, num_workers=config.num_workers, seed=config.seed,
+                         pin_memory=device.startswith("cuda"))
+    batches = iter(loader)
     while step < config.steps:
         t0 = clock()
-        refs = schedule.batch(step, global_batch, cursors)
-        # Labelled tokens of the whole global batch: valid chunk steps x D, plus EOS, per sample.
-        total_labels = sum(int(train.chunks[(d, int(train.samples[d][r][0]))][1][int(train.samples[d][r][1])].sum())
-                           * action_dim + 1 for d, r in refs)
-        mine = refs[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-        slot0 = ctx.rank * per_rank
         lr = _lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -641,15 +751,16 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         torch.manual_seed(derived_seed(config.seed, step, ctx.rank))
         loss_sum = torch.zeros((), dtype=torch.float64)
         for m in range(config.grad_accum):
-            part = mine[m * micro:(m + 1) * micro]
-            samples = [train.sample(d, r, derived_seed(config.seed, step, slot0 + m * micro + j)
-                                    if config.augment else None) for j, (d, r) in enumerate(part)]
-            batch = collator(samples)
+            key, batch = next(batches)
+            if (key.step, key.micro) != (step, m):  # the loader must hand batches over in plan order
+                raise RuntimeError(f"data loader gave step {key.step} micro {key.micro}, expected {step} {m}")
+            total_labels = key.total_labels
             sync_now = m == config.grad_accum - 1
             context = forward.no_sync() if (ctx.world > 1 and not sync_now) else _null()
             with context:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    loss, *_ = forward(*(batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask", "labels")))
+                    loss, *_ = forward(*(batch[k].to(device, non_blocking=True)
+                                         for k in ("pixel_values", "input_ids", "attention_mask", "labels")))
                 # DDP averages gradients over ranks, hence the world factor: the sum over all ranks
                 # and micro-steps is the mean over the global batch's labelled tokens.
                 (loss * (ctx.world / total_labels)).backward()
@@ -661,8 +772,11 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         if ctx.world > 1:
             torch.distributed.all_reduce(loss_sum)
         step += 1
+        cursors = list(key.cursors)
         last_loss = float(loss_sum) / total_labels
         elapsed = clock() - t0
+        if on_step is not None:
+            on_step(step, elapsed, last_loss)
         row = {"step": step, "samples": step * global_batch, "loss": f"{last_loss:.6f}", "lr": f"{lr:.6g}",
                "grad_norm": f"{grad_norm:.6g}", "samples_per_s": f"{global_batch / max(elapsed, 1e-9):.3f}"}
         if val_samples and (step % config.eval_every == 0 or step == config.steps):
@@ -682,6 +796,7 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
                 bar.update(1)
         if step % config.save_every == 0 or step == config.steps:
             save_state()
+    del batches, loader  # stops the worker processes now rather than at garbage collection
     if bar is not None:
         bar.close()
     if board is not None:
