@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.openvla-ros-installed
 PIP_VERSION := 26.3
 
-.PHONY: setup test bench demo clean-venv
+.PHONY: setup test bench demo demo-quick clean-venv
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ test: setup
 bench: setup
 	$(PY) -m pytest -m bench test -s
 
+# The whole loop: record -> fine-tune -> evaluate -> deploy through ROS 2 (resumable, runs/demo/loop).
 demo: setup
+	$(VENV)/bin/openvla-ros demo --loop
+
+# One prediction of a fresh tiny checkpoint (seconds).
+demo-quick: setup
 	$(VENV)/bin/openvla-ros demo
 
 clean-venv:

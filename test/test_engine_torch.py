@@ -109,3 +109,19 @@ def test_cuda_bfloat16_matches_generate(tiny_checkpoint):
     engine = TorchEngine(tiny_checkpoint, device="cuda", dtype="bfloat16")
     image = random_image(7)
     assert engine.predict(image, "reach").tokens.tolist() == reference_tokens(engine, image, "reach")
+
+
+def test_patch28_backbone_gives_64_image_tokens_and_generate_identical_tokens(tmp_path):
+    from openvla_ros.vla.tiny import tiny_config, write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "p28", seed=3, chunk=2,
+                                 config=tiny_config(chunk=2, vision_backbone_id="tiny-dinosiglip-224px-p28"))
+    engine = TorchEngine(ckpt)
+    image = random_image(7)
+    with torch.inference_mode():
+        pixel_values, ids = engine.prepare(image, "reach the red cube")
+        embeddings = engine.multimodal_embeddings(pixel_values, ids)
+    assert embeddings.shape[1] == 64 + ids.shape[1]  # an 8x8 grid of 28 px cells, then the prompt
+    chunk = engine.predict(image, "reach the red cube")
+    assert chunk.actions.shape == (2, 7)
+    assert chunk.tokens.tolist() == reference_tokens(engine, image, "reach the red cube")

@@ -23,7 +23,7 @@ class ReachExpert:
     control_period_s: float = DEFAULT_CONTROL_PERIOD_S
     max_speed_m_s: float = 0.2  # 4 cm per 0.2 s action
     gain: float = 0.6  # fraction of the remaining error closed per period (below 1: no overshoot with arm lag)
-    hover_height_m: float = 0.03  # aim this far above the cube centre (1 cm above a 4 cm cube)
+    hover_height_m: float = 0.03  # aim this far above the cube centre (5 mm above the default 5 cm cube)
     approach_slope: float = 1.0  # extra aim height per metre of horizontal distance still to go
     max_approach_height_m: float = 0.15
 
