@@ -2,7 +2,7 @@
 
     openvla-ros make-tiny-checkpoint OUT [--seed N] [--chunk K]
     openvla-ros predict --checkpoint DIR --image FILE --instruction TEXT [--json]
-    openvla-ros bench engine --checkpoint DIR [--json]
+    openvla-ros bench engine --checkpoint DIR [--engine all|NAME...] [--json]
     openvla-ros eval bag --checkpoint DIR [DIR...] --bags PATH [PATH...] --out DIR [--truth-topic T]
     openvla-ros eval topics BAG
     openvla-ros train (--checkpoint CKPT | --from-scratch) --data BAGS... --out DIR
@@ -135,6 +135,8 @@ def cmd_bench_engine(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine:
+        return _bench_backends(args)
     engine = TorchEngine(args.checkpoint, device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key)
     image = load_image_file(args.image) if args.image else synthetic_scene()
     result = bench_engine(engine, image, args.instruction, runs=args.runs, warmup=args.warmup)
@@ -142,6 +144,20 @@ def cmd_bench_engine(args) -> int:
         print(json.dumps(result))
     else:
         print(json.dumps(result, indent=2))
+    return 0
+
+
+def _bench_backends(args) -> int:
+    """`bench engine --engine all|NAME...`: one row per backend on the same images."""
+    from .engines.bench import bench_backends, bench_inputs, format_backends_table
+    from .engines.onnx_engine import onnx_options_from_args
+
+    image = load_image_file(args.image) if args.image else None
+    inputs = bench_inputs(args.images, args.instruction, image)
+    result = bench_backends(args.checkpoint, args.engine, inputs=inputs, runs=args.runs, warmup=args.warmup,
+                            device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key,
+                            onnx_options=onnx_options_from_args(args), trt_dir=args.trt_dir)
+    print(json.dumps(result) if args.json else format_backends_table(result))
     return 0
 
 
@@ -315,8 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="benchmarks printing JSON").add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("engine", help="own decode loop vs Hugging Face generate() on the same weights")
+    from .engines import engine_names
+    from .engines.onnx_engine import add_onnx_options
+
+    p = bench.add_parser("engine", help="own decode loop vs Hugging Face generate() on the same weights; "
+                                         "with --engine: every backend side by side")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--engine", nargs="+", default=None, choices=engine_names() + ["all"], metavar="ENGINE",
+                   help=f"backends to compare ({', '.join(engine_names())} or all); default: torch against generate()")
+    p.add_argument("--images", type=int, default=5, help="with --engine: synthetic scenes used (ignored with --image)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--unnorm-key", default=None)
@@ -326,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true")
+    add_onnx_options(p)
+    p.add_argument("--trt-dir", default=None,
+                   help="with --engine tensorrt/all: plans from `openvla-ros build-trt` (default: built from the ONNX export)")
     p.set_defaults(func=cmd_bench_engine)
 
     evaluation = sub.add_parser("eval", help="rosbag evaluation").add_subparsers(dest="eval", required=True)

@@ -105,7 +105,7 @@ class DemoConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
     lr_schedule: str = "cosine"
-    chunk: int = 2  # actions per model call
+    chunk: int = 4  # actions per model call (K=4: closed loop 0.5 vs 0.3 with K=2, and the ROS stream has 0.8 s of plan to play)
     hidden: int = 64  # tiny Llama width
     layers: int = 2
     heads: int = 4

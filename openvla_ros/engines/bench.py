@@ -1,12 +1,16 @@
-"""`openvla-ros bench engine`: this project's decode loop against the plain Hugging Face path.
+"""`openvla-ros bench engine`: this project's decode loop against the plain Hugging Face path, and
+every engine backend side by side.
 
-Same process, same weights, same inputs: per-stage medians for both, whether the tokens are
-identical, and speedups (reference time / ours) for the language-model part and the whole action.
+`bench_engine`: same process, same weights, same inputs: per-stage medians for both, whether the
+tokens are identical, and speedups (reference time / ours) for the language-model part and the whole action.
+`bench_backends` (`--engine all|NAME...`): one row per backend on the same images: latency p50/p95,
+tokens/s, memory, and whether its tokens equal a float32 torch engine's.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,3 +72,267 @@ def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, ru
         "speedup_lm": ref_ms["lm"] / ours_ms["lm"],
         "speedup_total": ref_ms["total"] / ours_ms["total"],
     }
+
+
+# Every backend on the same inputs (`bench engine --engine all|NAME...`) ----------------------------
+
+BENCH_NOTES = [
+    "latency: wall-clock around Engine.predict per action chunk (remote includes HTTP to an in-process server); "
+    "timed runs are interleaved across backends (run r: every backend on image r mod N) so machine load hits all alike",
+    "tokens_per_s: tokens per chunk / p50 latency",
+    "rss_after_load_mb: this process's resident set right after the row's engine was loaded; engines are "
+    "benched in one process, so rss_increase_over_torch_mb (vs the torch row) is the row's own cost only roughly",
+    "onnx/tensorrt exported or built in this process (no --onnx-dir/--trt-dir) add the exporter's memory to their RSS",
+    "rss_torch_load_mb (torch row): RSS growth while loading the torch engine",
+    "peak_rss_mb: ru_maxrss, process-wide peak at the end (all backends loaded at once for the interleaved runs)",
+    "gpu_peak_mb: torch.cuda.max_memory_allocated over the row's load and untimed calls, including the torch engine kept for reference",
+    "tokens_identical_to_torch_fp32: tokens equal to a float32 TorchEngine on every bench image and every timed call",
+]
+
+
+def percentile(values, q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of a non-empty sequence."""
+    if not values:
+        raise ValueError("percentile of an empty sequence")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc), else the peak from getrusage."""
+    import os
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_inputs(n_images: int, instruction: str, image: np.ndarray | None = None) -> list[tuple[np.ndarray, str]]:
+    """The (image, instruction) pairs every backend sees: the given image, else `n_images` synthetic scenes."""
+    if image is not None:
+        return [(image, instruction)]
+    if n_images < 1:
+        raise ValueError(f"images must be >= 1, got {n_images}")
+    return [(synthetic_scene(seed=seed), instruction) for seed in range(n_images)]
+
+
+def _tokens(chunk) -> list[int] | None:
+    return None if chunk.tokens is None else [int(t) for t in np.ravel(chunk.tokens)]
+
+
+def check_and_warm(engine, inputs, *, warmup: int, reference_tokens: list[list[int]]) -> dict:
+    """Untimed: every input once (tokens against the reference), then `warmup` more calls."""
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    identical, n_tokens = True, None
+    for (image, instruction), reference in zip(inputs, reference_tokens, strict=True):
+        tokens = _tokens(engine.predict(image, instruction))
+        identical &= tokens == reference
+        n_tokens = len(tokens) if tokens is not None else n_tokens
+    for i in range(warmup):
+        engine.predict(*inputs[i % len(inputs)])
+    return {"tokens_identical": bool(identical), "tokens_per_action": n_tokens}
+
+
+def interleaved_latencies(engines: dict, inputs, *, runs: int, reference_tokens: list[list[int]],
+                          clock=time.perf_counter) -> dict:
+    """Timed: run r calls every engine in turn on input r % N, so machine load hits all rows alike.
+
+    Returns per engine name: latency p50/p95 (ms), sample count, and whether every timed call's
+    tokens equalled the reference too.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    latencies = {name: [] for name in engines}
+    identical = dict.fromkeys(engines, True)
+    for r in range(runs):
+        image, instruction = inputs[r % len(inputs)]
+        for name, engine in engines.items():
+            t0 = clock()
+            chunk = engine.predict(image, instruction)
+            latencies[name].append((clock() - t0) * 1e3)
+            identical[name] &= _tokens(chunk) == reference_tokens[r % len(inputs)]
+    return {name: {"latency_ms_p50": percentile(values, 50), "latency_ms_p95": percentile(values, 95),
+                   "samples": len(values), "tokens_identical": bool(identical[name])}
+            for name, values in latencies.items()}
+
+
+def _unavailable(name: str, reason: str) -> dict:
+    return {"engine": name, "available": False, "reason": reason}
+
+
+def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int = 3, device: str = "cpu",
+                   dtype: str = "float32", unnorm_key: str | None = None, onnx_options: dict | None = None,
+                   trt_dir=None) -> dict:
+    """One row per backend name in `engines` ("all" = every registered one): the same inputs for each.
+
+    Backends that cannot run here get `available: false` and the reason. onnx without `onnx_dir` is
+    exported to a temporary directory; remote is benched against an in-process server on a free
+    loopback port wrapping the torch engine; tensorrt without `trt_dir` is built from the ONNX export.
+    """
+    import contextlib
+    import tempfile
+    import threading
+
+    from . import create_engine, engine_names
+    from .torch_engine import TorchEngine
+
+    names = engine_names() if "all" in engines else list(dict.fromkeys(engines))
+    unknown = [n for n in names if n not in engine_names()]
+    if unknown:
+        raise ValueError(f"unknown engine(s) {unknown}; available: {engine_names()} or all")
+    # torch first: it is the speed reference and (fp32) the token reference, and serves remote.
+    names = ["torch"] + [n for n in names if n != "torch"] if "torch" in names else names
+    cuda = torch.cuda.is_available()
+    common = {"device": device, "dtype": dtype, "unnorm_key": unnorm_key}
+    onnx_options = dict(onnx_options or {})
+
+    def gpu_reset():
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    rows = []
+    with contextlib.ExitStack() as stack:
+        gpu_reset()
+        rss_before = current_rss_mb()
+        torch_engine = TorchEngine(checkpoint, **common)
+        torch_rss = current_rss_mb()
+        if dtype == "float32":
+            reference_engine = torch_engine
+        else:
+            reference_engine = TorchEngine(checkpoint, device=device, dtype="float32", unnorm_key=unnorm_key)
+        reference = [[int(t) for t in reference_engine.predict(image, text).tokens] for image, text in inputs]
+        del reference_engine
+
+        def temp_dir(prefix):
+            return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+
+        def onnx_dir():
+            if onnx_options.get("onnx_dir") is None:
+                from .onnx_export import export_onnx
+
+                onnx_options["onnx_dir"] = temp_dir("bench-onnx-") / "export"
+                export_onnx(checkpoint, onnx_options["onnx_dir"])
+            return onnx_options["onnx_dir"]
+
+        def load(name):
+            """The engine for `name`, or a string saying why it cannot run here."""
+            if name == "torch":
+                return torch_engine
+            if name in ("bnb4", "bnb8"):
+                from .bnb_engine import bnb_unavailable_reason
+
+                reason = bnb_unavailable_reason()
+                if reason is not None:
+                    return reason
+                return create_engine(name, checkpoint, **common)
+            if name == "tensorrt":
+                from .tensorrt_engine import build_trt, tensorrt_unavailable_reason
+
+                reason = tensorrt_unavailable_reason()
+                if reason is not None:
+                    return reason
+                directory = trt_dir
+                if directory is None:
+                    directory = temp_dir("bench-trt-") / "plans"
+                    build_trt(checkpoint, onnx_dir(), directory)
+                return create_engine(name, checkpoint, trt_dir=directory, unnorm_key=unnorm_key)
+            if name == "onnx":
+                onnx_dir()
+                return create_engine(name, checkpoint, **{**common, **onnx_options})
+            if name == "remote":
+                from .server import make_server
+
+                server = make_server(torch_engine, host="127.0.0.1", port=0)
+                thread = threading.Thread(target=server.serve_forever, name="bench-remote-server", daemon=True)
+                thread.start()
+
+                def stop():
+                    server.shutdown()
+                    server.server_close()
+                    thread.join(timeout=5)
+
+                stack.callback(stop)
+                return create_engine(name, None, url=server.url)
+            return create_engine(name, checkpoint, **common)
+
+        loaded = {}
+        for name in names:
+            # Loading and the untimed calls run one backend at a time, so RSS and GPU peaks are per row.
+            if name != "torch":
+                gpu_reset()
+            try:
+                engine = load(name)
+            except (ValueError, ImportError, RuntimeError, OSError) as exc:
+                engine = f"{type(exc).__name__}: {exc}"
+            if isinstance(engine, str):
+                rows.append(_unavailable(name, engine))
+                continue
+            if hasattr(engine, "close"):
+                stack.callback(engine.close)
+            rss_loaded = torch_rss if name == "torch" else current_rss_mb()
+            info = engine.info()
+            # onnx names execution providers and remote a URL where local engines name a device.
+            row = {"engine": name, "available": True,
+                   "device": info.get("device") or ",".join(info.get("providers") or []) or info.get("url"),
+                   "dtype": info.get("dtype")}
+            checked = check_and_warm(engine, inputs, warmup=warmup, reference_tokens=reference)
+            row["rss_after_load_mb"] = rss_loaded
+            row["rss_increase_over_torch_mb"] = 0.0 if name == "torch" else rss_loaded - torch_rss
+            if name == "torch":
+                row["rss_torch_load_mb"] = torch_rss - rss_before
+            row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+            row["_checked"] = checked
+            rows.append(row)
+            loaded[name] = engine
+        timed = interleaved_latencies(loaded, inputs, runs=runs, reference_tokens=reference) if loaded else {}
+        for row in rows:
+            if not row["available"]:
+                continue
+            checked, stats = row.pop("_checked"), timed[row["engine"]]
+            n_tokens = checked["tokens_per_action"]
+            row.update({"latency_ms_p50": stats["latency_ms_p50"], "latency_ms_p95": stats["latency_ms_p95"],
+                        "tokens_per_s": n_tokens / (stats["latency_ms_p50"] / 1e3) if n_tokens and stats["latency_ms_p50"] > 0 else None,
+                        "tokens_per_action": n_tokens, "samples": stats["samples"],
+                        "tokens_identical_to_torch_fp32": checked["tokens_identical"] and stats["tokens_identical"],
+                        "peak_rss_mb": peak_rss_mb()})
+    torch_rows = [r for r in rows if r["engine"] == "torch" and r["available"]]
+    for row in rows:
+        if row["available"]:
+            row["ratio_vs_torch"] = (torch_rows[0]["latency_ms_p50"] / row["latency_ms_p50"]) if torch_rows else None
+    return {"benchmark": "engines", "rows": rows, "checkpoint": str(checkpoint), "device": device,
+            "cuda": cuda, "dtype": dtype, "runs": runs, "warmup": warmup, "images": len(inputs),
+            "torch_threads": torch.get_num_threads(), "notes": BENCH_NOTES}
+
+
+def format_backends_table(result: dict) -> str:
+    """The rows of `bench_backends` as an aligned text table, unavailable backends with their reason."""
+    header = ["engine", "p50 ms", "p95 ms", "tok/s", "x torch", "RSS MB", "+RSS MB", "GPU MB", "tokens=torch32"]
+    lines = []
+    for row in result["rows"]:
+        if not row["available"]:
+            lines.append([row["engine"], "unavailable: " + row["reason"]])
+            continue
+        gpu = "-" if row["gpu_peak_mb"] is None else f"{row['gpu_peak_mb']:.0f}"
+        tps = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}"
+        lines.append([row["engine"], f"{row['latency_ms_p50']:.1f}", f"{row['latency_ms_p95']:.1f}", tps,
+                      f"{row['ratio_vs_torch']:.2f}", f"{row['rss_after_load_mb']:.0f}",
+                      f"{row['rss_increase_over_torch_mb']:+.0f}", gpu,
+                      "yes" if row["tokens_identical_to_torch_fp32"] else "NO"])
+    widths = [max(len(r[i]) for r in [header] + [r for r in lines if len(r) == len(header)]) for i in range(len(header))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    for r in lines:
+        out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) if len(r) == len(header) else "  ".join(r))
+    out.append(f"checkpoint {result['checkpoint']}, device {result['device']}, {result['runs']} runs "
+               f"(+{result['warmup']} warmup) over {result['images']} image(s)")
+    out.extend("note: " + note for note in result["notes"])
+    return "\n".join(out)
