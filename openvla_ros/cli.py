@@ -9,7 +9,7 @@
     openvla-ros bench ik|control [--json]
     openvla-ros bench train [--steps N] [--batch-size B] [--lora-rank R | --full] [--num-workers N] [--threads T] [--json]
     openvla-ros sim --task reach-cube --seconds N [--checkpoint DIR]
-    openvla-ros demo
+    openvla-ros demo [--loop]
 
 Errors in user input exit with status 2 and one line naming the bad value.
 """

@@ -375,9 +375,13 @@ def train_config(run_dir: Path, config: DemoConfig, train_bags: Sequence[str], p
 def step_train(run_dir: Path, config: DemoConfig, record: dict, progress: _Progress, redo: bool) -> dict:
     from openvla_ros.training.trainer import run_training
 
+    from openvla_ros.training.trainer import can_resume
+
     cfg = train_config(run_dir, config, record["train_bags"], progress.enabled)
-    if redo and Path(cfg.out_dir).exists():
-        shutil.rmtree(cfg.out_dir)  # the trainer would otherwise resume its saved state
+    # The trainer resumes an interrupted run of the same settings; a forced redo or changed
+    # settings (this step runs again because its inputs changed) start from scratch.
+    if Path(cfg.out_dir).exists() and (redo or can_resume(cfg) is False):
+        shutil.rmtree(cfg.out_dir)
     result = run_training(cfg)
     rows = _read_train_log(result.log_path)
     return {"checkpoint": str(result.checkpoint_dir), "steps": result.steps, "final_loss": result.final_loss,

@@ -76,8 +76,8 @@ def test_a_failing_tick_is_counted_and_the_loop_goes_on():
     assert len(calls) == 4 and loop.tick_errors == 2
     assert "publisher gone" in loop.last_error
     status = loop.status()
-    assert {k: status[k] for k in ("ticks", "missed_deadlines", "tick_errors", "realtime")} == {
-        "ticks": 4, "missed_deadlines": 0, "tick_errors": 2, "realtime": False}
+    assert {k: status[k] for k in ("running", "ticks", "missed_deadlines", "tick_errors", "realtime")} == {
+        "running": False, "ticks": 4, "missed_deadlines": 0, "tick_errors": 2, "realtime": False}
     assert 0.0 <= status["late_p50_ms"] <= status["late_p99_ms"] <= status["late_max_ms"] < 0.1
 
 
@@ -109,3 +109,13 @@ def test_thread_runs_at_the_rate_and_stops():
     time.sleep(0.05)
     assert len(ticks) == count  # stopped: no more ticks
     assert ticks == sorted(ticks) and count >= 20
+
+
+def test_no_tick_after_stop_was_asked():
+    t = FakeTime()
+    ticked = []
+    loop = PeriodicLoop(0.01, ticked.append, clock=t.clock, sleep=t.sleep)
+    deadline = loop.run_once(0.01)
+    loop._stop.set()  # what stop() does before joining the thread
+    assert loop.run_once(deadline) == deadline
+    assert ticked == [0.01] and loop.ticks == 1

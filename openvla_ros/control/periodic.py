@@ -33,30 +33,38 @@ STATS_WINDOW = 1000  # ticks kept for the lateness/duration percentiles in statu
 
 
 def set_realtime(priority: int, thread_id: int = 0) -> str | None:
-    """SCHED_FIFO at `priority` for one thread (0: the caller); returns why not, or None when it worked."""
+    """SCHED_FIFO at `priority` for one thread (0: the caller); returns why not, or None when it worked.
+
+    With SCHED_RESET_ON_FORK, so processes started from a real-time thread start at normal priority.
+    """
     import os
 
     if not (isinstance(priority, int) and 1 <= priority <= 99):
         raise ValueError(f"SCHED_FIFO priority must be an integer in [1, 99], got {priority!r}")
     try:
-        os.sched_setscheduler(thread_id, os.SCHED_FIFO, os.sched_param(priority))
+        policy = os.SCHED_FIFO | getattr(os, "SCHED_RESET_ON_FORK", 0)
+        os.sched_setscheduler(thread_id, policy, os.sched_param(priority))
     except (AttributeError, OSError) as exc:
         return str(exc)
     return None
 
 
 def set_process_realtime(priority: int) -> str | None:
-    """SCHED_FIFO for every thread this process has now (e.g. a subscriber and its DDS threads)."""
+    """SCHED_FIFO for every other thread this process has now (e.g. a subscriber's executor and DDS
+    threads); the calling thread keeps its scheduling, so processes it starts are not real-time."""
     import os
 
-    reasons = []
-    for tid in sorted(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else []:
-        why = set_realtime(priority, int(tid))
-        if why:
-            reasons.append(why)
     if not os.path.isdir("/proc/self/task"):
         return "no /proc/self/task (not Linux)"
-    return reasons[0] if reasons else None
+    me = threading.get_native_id()
+    failed = []
+    for tid in sorted(int(t) for t in os.listdir("/proc/self/task")):
+        if tid == me:
+            continue
+        why = set_realtime(priority, tid)
+        if why and os.path.isdir(f"/proc/self/task/{tid}"):  # a thread that ended meanwhile is no failure
+            failed.append(why)
+    return failed[0] if failed else None
 
 
 class PeriodicLoop:
@@ -110,8 +118,10 @@ class PeriodicLoop:
         return following
 
     def run_once(self, deadline: float) -> float:
-        """Wait for `deadline`, tick, and return the next deadline."""
+        """Wait for `deadline`, tick, and return the next deadline (no tick once stop() was asked)."""
         self.wait_for(deadline)
+        if self._stop.is_set():
+            return deadline
         start = self._clock()
         try:
             self._tick(deadline)
@@ -152,15 +162,18 @@ class PeriodicLoop:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            self._thread = None
+            if self._thread.is_alive():
+                log.error("%s: the loop thread did not end within %.1f s", self._name, timeout)
+            else:
+                self._thread = None
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict:
-        out = {"ticks": self.ticks, "missed_deadlines": self.missed_deadlines, "tick_errors": self.tick_errors,
-               "realtime": self.realtime}
+        out = {"running": self.running, "ticks": self.ticks, "missed_deadlines": self.missed_deadlines,
+               "tick_errors": self.tick_errors, "realtime": self.realtime}
         timings = list(self._timings)
         if timings:
             import numpy as np

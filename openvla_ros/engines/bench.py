@@ -124,6 +124,11 @@ def bench_inputs(n_images: int, instruction: str, image: np.ndarray | None = Non
     return [(synthetic_scene(seed=seed), instruction) for seed in range(n_images)]
 
 
+def _fmt(value, spec: str) -> str:
+    """A table cell: "-" for a figure that does not exist (e.g. the ratio to torch when torch was not run)."""
+    return "-" if value is None else format(value, spec)
+
+
 def _tokens(chunk) -> list[int] | None:
     return None if chunk.tokens is None else [int(t) for t in np.ravel(chunk.tokens)]
 
@@ -210,7 +215,7 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             reference_engine = torch_engine
         else:
             reference_engine = TorchEngine(checkpoint, device=device, dtype="float32", unnorm_key=unnorm_key)
-        reference = [[int(t) for t in reference_engine.predict(image, text).tokens] for image, text in inputs]
+        reference = [_tokens(reference_engine.predict(image, text)) for image, text in inputs]
         del reference_engine
 
         def temp_dir(prefix):
@@ -322,11 +327,11 @@ def format_backends_table(result: dict) -> str:
         if not row["available"]:
             lines.append([row["engine"], "unavailable: " + row["reason"]])
             continue
-        gpu = "-" if row["gpu_peak_mb"] is None else f"{row['gpu_peak_mb']:.0f}"
-        tps = "-" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:.0f}"
+        gpu = _fmt(row["gpu_peak_mb"], ".0f")
+        tps = _fmt(row["tokens_per_s"], ".0f")
         lines.append([row["engine"], f"{row['latency_ms_p50']:.1f}", f"{row['latency_ms_p95']:.1f}", tps,
-                      f"{row['ratio_vs_torch']:.2f}", f"{row['rss_after_load_mb']:.0f}",
-                      f"{row['rss_increase_over_torch_mb']:+.0f}", gpu,
+                      _fmt(row["ratio_vs_torch"], ".2f"), f"{row['rss_after_load_mb']:.0f}",
+                      _fmt(row["rss_increase_over_torch_mb"], "+.0f"), gpu,
                       "yes" if row["tokens_identical_to_torch_fp32"] else "NO"])
     widths = [max(len(r[i]) for r in [header] + [r for r in lines if len(r) == len(header)]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]

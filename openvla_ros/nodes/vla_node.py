@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import threading
 
 from ..control.chunk_buffer import POLICIES, ActionMapping, ChunkBuffer
 from ..control.periodic import PeriodicLoop
@@ -125,6 +126,9 @@ def _make_node_class():
             clock = lambda: node_seconds(self)  # noqa: E731 - ROS time, so use_sim_time works
             # Accepted chunks are queued by the worker thread and published by the control timer.
             self._chunks_to_publish = collections.deque(maxlen=8)
+            # Held by each control tick and by the state changes (stop, enable, instruction): once
+            # ~/stop has answered, no tick that sampled the old plan can still publish a moving twist.
+            self._control_lock = threading.Lock()
             self.controller = build_controller(p, engine, clock, on_chunk=self._on_chunk)
             self.engine = self.controller.worker.engine  # the engine, or its proxy in the child process
             self.period = 1.0 / p["control_rate_hz"]
@@ -186,19 +190,23 @@ def _make_node_class():
             self.controller.on_image(rgb, self._stamp_of(msg))
 
         def _on_instruction(self, msg):
-            if self.controller.set_instruction(msg.data):
+            with self._control_lock:
+                accepted = self.controller.set_instruction(msg.data)
+            if accepted:
                 self.get_logger().info(f"instruction: {msg.data.strip()!r}")
             else:
                 self.get_logger().error(f"ignoring empty instruction {msg.data!r}")
 
         def _on_enable(self, request, response):
-            self.controller.set_enabled(request.data)
+            with self._control_lock:
+                self.controller.set_enabled(request.data)
             response.success, response.message = True, "enabled" if request.data else "disabled"
             self.get_logger().info(response.message)
             return response
 
         def _on_stop(self, request, response):
-            self.controller.stop()
+            with self._control_lock:
+                self.controller.stop()
             response.success, response.message = True, "stopped: buffer flushed, holding until ~/enable"
             self.get_logger().warning(response.message)
             return response
@@ -213,6 +221,10 @@ def _make_node_class():
 
         # outputs
         def _on_tick(self):  # control thread (or executor timer with use_sim_time)
+            with self._control_lock:
+                self._publish_command()
+
+        def _publish_command(self):
             # One clock read: the stamp is the instant the buffer was sampled for, taken before any work
             # of the tick (so the time the tick takes never shows up as jitter in the stamps).
             now = self.get_clock().now()
@@ -249,12 +261,12 @@ def _make_node_class():
                 pub.publish(diagnostic_array(self, "openvla_ros: vla_node", status, level_of_state=self._level))
 
         def destroy_node(self):
-            if self.control_loop is not None:  # no tick may publish through a destroyed node
+            if getattr(self, "control_loop", None) is not None:  # no tick may publish through a destroyed node
                 self.control_loop.stop()
             return super().destroy_node()
 
         def close(self):
-            if self.control_loop is not None:
+            if getattr(self, "control_loop", None) is not None:
                 self.control_loop.stop()
             self.controller.shutdown()
 

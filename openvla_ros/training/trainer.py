@@ -576,8 +576,20 @@ def _lr_at(config: TrainConfig, step: int) -> float:
     return config.lr
 
 
+def can_resume(config: TrainConfig) -> bool | None:
+    """Whether `config.out_dir` holds the saved state of a run with this configuration (None: no state)."""
+    state_path = Path(config.out_dir) / STATE_DIR / STATE_FILE
+    if not state_path.exists():
+        return None
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    return state.get("resume_key") == _resume_key(config)
+
+
 def _resume_key(config: TrainConfig) -> dict:
-    return {k: v for k, v in config.to_json().items() if k not in RESUMABLE_CHANGES}
+    key = {k: v for k, v in config.to_json().items() if k not in RESUMABLE_CHANGES}
+    if config.lr_schedule == "cosine":
+        key["steps"] = config.steps  # the cosine curve ends at `steps`: another count is another run
+    return key
 
 
 def _read_log(path: Path, upto: int) -> list[dict]:
