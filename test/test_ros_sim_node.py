@@ -14,6 +14,7 @@ import pytest
 from ros_helpers import probe, rclpy_context, ros_env, spin_in_background, wait_until  # noqa: F401
 
 from openvla_ros.nodes.ros_common import latched_qos, stamp_to_seconds
+from openvla_ros.sim.scene import CameraConfig
 from openvla_ros.sim.rollout import panda_kinematics
 from openvla_ros.sim.scene import (PANDA_ARM_JOINTS, PANDA_FINGER_JOINTS, PANDA_REST_POSTURE, PandaScene,
                                    instruction_for, target_for_seed)
@@ -79,7 +80,8 @@ def test_publishes_joint_states_camera_poses_and_the_latched_instruction(probe, 
     assert (image.height, image.width, image.encoding, image.step) == (224, 224, "rgb8", 672)
     assert image.header.frame_id == "camera" and len(image.data) == 224 * 672
     info = probe.wait_for("/camera/camera_info", timeout=TIMEOUT)
-    assert info.k[2] == 112.0 and info.k[5] == 112.0 and info.k[0] == pytest.approx(112.0 / np.tan(np.radians(25)))
+    fov = CameraConfig().fov_deg  # the default camera, as config/sim_node.yaml has it
+    assert info.k[2] == 112.0 and info.k[5] == 112.0 and info.k[0] == pytest.approx(112.0 / np.tan(np.radians(fov / 2)))
 
     js = probe.wait_for("/joint_states", timeout=TIMEOUT)
     assert list(js.name) == list(PANDA_ARM_JOINTS + PANDA_FINGER_JOINTS)
