@@ -100,19 +100,21 @@ def percentile(values, q: float) -> float:
 def current_rss_mb() -> float:
     """Resident set size of this process now (Linux /proc), else the peak from getrusage."""
     import os
-    import resource
 
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mb()
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident set size of this process (or of its waited-for children), in MB."""
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    value = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024  # bytes on macOS, KiB on Linux
 
 
 def bench_inputs(n_images: int, instruction: str, image: np.ndarray | None = None) -> list[tuple[np.ndarray, str]]:

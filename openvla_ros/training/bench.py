@@ -14,8 +14,6 @@ memory. Both runs use the same seed and so train on the same batches: `losses_id
 from __future__ import annotations
 
 import os
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,17 +22,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..engines.bench import peak_rss_mb
+
 WARMUP_STEPS = 1  # the first step pays worker start-up, lazy imports and first allocations
 DEFAULT_EPISODES = 8
 DEFAULT_FRAMES = 16
 IMAGE_SHAPE = (256, 320)  # the engine benchmark's synthetic scene size; the cache resizes to 224
 INSTRUCTION = "reach the red cube"
-
-
-def _rss_mb(who: int) -> float:
-    # ru_maxrss is KiB on Linux and bytes on macOS.
-    value = resource.getrusage(who).ru_maxrss
-    return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024
 
 
 def write_synthetic_episodes(out: str | Path, episodes: int, frames: int, seed: int = 0) -> Path:
@@ -113,9 +107,9 @@ def bench_train(*, steps: int = 20, batch_size: int = 8, lora_rank: int = 32, fu
             start = clock()
             run_training(config, clock=clock, on_step=on_step)
             out = {"num_workers": workers, **_summary(step_s, batch_size), "final_loss": losses[-1],
-                   "wall_s": clock() - start, "peak_rss_mb": _rss_mb(resource.RUSAGE_SELF)}
+                   "wall_s": clock() - start, "peak_rss_mb": peak_rss_mb()}
             if workers:
-                out["worker_peak_rss_mb"] = _rss_mb(resource.RUSAGE_CHILDREN)
+                out["worker_peak_rss_mb"] = peak_rss_mb(children=True)
             if cuda:
                 out["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             return out, losses
