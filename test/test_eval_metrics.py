@@ -89,3 +89,10 @@ def test_bad_inputs_are_rejected_with_the_reason():
         metrics.l2_mean(np.zeros((0, 2)), np.zeros((0, 2)))
     with pytest.raises(ValueError, match="3 dim names"):
         metrics.action_metrics(PRED, TRUE, ["a", "b", "c"])
+
+
+def test_period_errors_are_absolute_deviations_from_the_period_in_ms():
+    from openvla_ros.eval.metrics import period_errors_ms
+
+    errors = period_errors_ms([0.0, 0.010, 0.0215, 0.030], 0.010)
+    np.testing.assert_allclose(errors, [0.0, 1.5, 1.5], atol=1e-9)

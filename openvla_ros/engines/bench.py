@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..eval.metrics import latency_stats
 from .torch_engine import TorchEngine
 
 
@@ -90,13 +91,6 @@ BENCH_NOTES = [
 ]
 
 
-def percentile(values, q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100) of a non-empty sequence."""
-    if not values:
-        raise ValueError("percentile of an empty sequence")
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
 def current_rss_mb() -> float:
     """Resident set size of this process now (Linux /proc), else the peak from getrusage."""
     import os
@@ -167,9 +161,10 @@ def interleaved_latencies(engines: dict, inputs, *, runs: int, reference_tokens:
             chunk = engine.predict(image, instruction)
             latencies[name].append((clock() - t0) * 1e3)
             identical[name] &= _tokens(chunk) == reference_tokens[r % len(inputs)]
-    return {name: {"latency_ms_p50": percentile(values, 50), "latency_ms_p95": percentile(values, 95),
-                   "samples": len(values), "tokens_identical": bool(identical[name])}
-            for name, values in latencies.items()}
+    stats = {name: latency_stats(values) for name, values in latencies.items()}
+    return {name: {"latency_ms_p50": stats[name]["p50"], "latency_ms_p95": stats[name]["p95"],
+                   "samples": len(latencies[name]), "tokens_identical": bool(identical[name])}
+            for name in latencies}
 
 
 def _unavailable(name: str, reason: str) -> dict:

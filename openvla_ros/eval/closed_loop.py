@@ -33,8 +33,8 @@ from typing import Sequence
 import numpy as np
 
 from .bags import (MSG_FLOAT64_ARRAY, MSG_JOINT_STATE, MSG_JOINT_TRAJECTORY, MSG_STRING, TWIST_DIM_NAMES, BagError,
-                   BagFrames, BagReadOptions, RosBag)
-from .metrics import action_metrics, latency_stats, mae, rmse
+                   BagFrames, BagReadOptions, RosBag, _stamp_ns)
+from .metrics import action_metrics, latency_stats, mae, period_errors_ms, rmse
 from .open_loop import EvalResult, align_dims
 from .report import (PLOT_ERRORS, PLOT_LATENCY, PLOT_PREDICTIONS, REPORT_MD, SUMMARY_JSON, new_figure, histogram,
                      markdown_table, plot_error_histograms, plot_latency, plot_predictions, write_summary_json)
@@ -261,10 +261,10 @@ class JointCommands:
                         skipped += 1
                         continue
                     q, joint_names = msg.points[0].positions, list(msg.joint_names)
-                    stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+                    stamp = _stamp_ns(msg.header.stamp, 0)
                 elif msgtype == MSG_JOINT_STATE:
                     q, joint_names = msg.position, list(msg.name)
-                    stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+                    stamp = _stamp_ns(msg.header.stamp, 0)
                 else:
                     q, joint_names = msg.data, None
                 q = np.asarray(q, dtype=np.float64)
@@ -297,7 +297,7 @@ def joint_command_stats(commands: JointCommands, target_rate_hz: float | None = 
                  "distinct_positions": 0, "joint_names": commands.joint_names, "joint_range_rad": None,
                  "max_step_rad": None, "max_step_joint": None, "step_p99_rad": None}
     if n > 1 and target_rate_hz:
-        error = np.abs(np.diff(t.astype(np.float64)) * 1e-6 - 1e3 / float(target_rate_hz))
+        error = period_errors_ms(t.astype(np.float64) * 1e-9, 1.0 / float(target_rate_hz))
         out["period_error_ms"] = {"p50": float(np.percentile(error, 50)), "p99": float(np.percentile(error, 99)),
                                   "max": float(error.max())}
     if not n:

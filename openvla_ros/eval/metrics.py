@@ -87,6 +87,12 @@ def gripper_accuracy(pred_gripper, true_gripper, threshold: float = GRIPPER_THRE
     return float(np.mean((p >= threshold) == (t >= threshold)))
 
 
+def period_errors_ms(times_s: Sequence[float], period_s: float) -> np.ndarray:
+    """|interval - period| in ms for each pair of consecutive times (seconds) of a periodic stream."""
+    diffs = np.diff(np.asarray(times_s, dtype=np.float64))
+    return np.abs(diffs - period_s) * 1e3
+
+
 def latency_stats(latencies_ms: Sequence[float]) -> dict:
     """p50, p95, mean and max of latencies in ms (None values when there are none)."""
     values = np.asarray([v for v in latencies_ms if v is not None], dtype=np.float64)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..eval.metrics import period_errors_ms
+
 ISOLATION_VARS = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE")
 
 
@@ -156,11 +158,6 @@ class StreamMonitor:
     def close(self):
         self.camera_spinner.stop()
         self.spinner.stop()
-
-
-def period_errors_ms(times: list[float], period: float) -> np.ndarray:
-    diffs = np.diff(np.asarray(times, dtype=np.float64))
-    return np.abs(diffs - period) * 1e3
 
 
 def _number(text: str):
