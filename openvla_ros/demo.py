@@ -122,6 +122,10 @@ class DemoConfig:
     # Std of the noise added to the executed expert actions (per axis, m; DART): the demonstrations
     # then show how to return to the path.
     record_noise_m: float = 0.008
+    # Share of the demonstrations that start with the tip at a random point of the workspace rather
+    # than at the rest posture (closed-loop episodes always start at rest).
+    random_start_probability: float = 0.0
+    record_workers: int = 2  # processes recording episodes in parallel (the bags do not depend on it)
     episode_seconds: float = 8.0
     control_rate_hz: float = 100.0  # chunk buffer sampling + IK rate in the closed loop
     replan_period_s: float = DEFAULT_CONTROL_PERIOD_S  # one model call per this much simulated time
@@ -151,6 +155,10 @@ class DemoConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not (isinstance(self.random_start_probability, (int, float)) and 0 <= self.random_start_probability <= 1):
+            raise ValueError(f"random_start_probability must be in [0, 1], got {self.random_start_probability!r}")
+        if not isinstance(self.record_workers, (int, np.integer)) or self.record_workers < 1:
+            raise ValueError(f"record_workers must be an integer >= 1, got {self.record_workers!r}")
         if not (math.isfinite(self.record_noise_m) and self.record_noise_m >= 0):
             raise ValueError(f"record_noise_m must be a number >= 0, got {self.record_noise_m!r}")
         if self.sim_latency_s is not None and not (math.isfinite(self.sim_latency_s) and self.sim_latency_s >= 0):
@@ -181,6 +189,8 @@ def step_inputs(config: DemoConfig) -> dict[str, dict]:
     """What each step depends on (its own settings plus its inputs' identities)."""
     c = asdict(config)
     record = {k: c[k] for k in ("episodes", "seed", "storage", "episode_seconds", "record_noise_m")}
+    if c["random_start_probability"]:  # (absent when 0, so runs recorded before it existed still resume)
+        record["random_start_probability"] = c["random_start_probability"]
     train = {"record": record, "held_out": c["held_out"],
              **{k: c[k] for k in ("steps", "batch_size", "lr", "warmup_steps", "lr_schedule", "chunk", "hidden", "layers", "heads",
                                   "vision", "augment", "val_fraction", "seed")}}
@@ -264,18 +274,42 @@ def _outcome_rates(eps) -> dict:
     }
 
 
+def random_start_tip(seed: int, cube_positions: dict, probability: float) -> np.ndarray | None:
+    """Where episode `seed` starts its tip: None (the rest posture) or a point of `START_TIP_REGION`.
+
+    Drawn from the seed's own stream, so an episode's start does not depend on which process
+    records it; points too close to a cube are redrawn.
+    """
+    from openvla_ros.sim.scene import START_MIN_CUBE_CLEARANCE_M, START_TIP_REGION
+
+    if not (math.isfinite(probability) and 0.0 <= probability <= 1.0):
+        raise ValueError(f"random start probability must be in [0, 1], got {probability!r}")
+    rng = np.random.default_rng([int(seed), 3])
+    if rng.random() >= probability:
+        return None
+    for _ in range(1000):
+        tip = rng.uniform(*START_TIP_REGION)
+        if all(np.linalg.norm(tip - np.asarray(c)) >= START_MIN_CUBE_CLEARANCE_M for c in cube_positions.values()):
+            return tip
+    raise ValueError(f"no start in {START_TIP_REGION} clear of the cubes at {cube_positions}")  # pragma: no cover
+
+
 def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert=None, storage: str = "sqlite3",
-                   max_seconds: float = 8.0, action_noise_m: float = 0.0) -> dict:
+                   max_seconds: float = 8.0, action_noise_m: float = 0.0, random_start_probability: float = 0.0) -> dict:
     """One expert demonstration as a bag at `path` (see the module docstring); returns its outcome.
 
     With `action_noise_m` > 0 the arm executes the expert's action plus Gaussian noise of that
     standard deviation per axis (metres per action) while the bag records the expert's clean action
     for the state it is in (DART-style noise injection): the demonstrations then show how to get
     back on course from the small errors a learnt policy makes, which plain demonstrations never do.
+    With `random_start_probability` > 0 that share of the episodes starts with the tip somewhere
+    in the workspace (`random_start_tip`) instead of at the rest posture: the demonstrations then
+    also cover the states a drifting policy ends up in (low and beside the cube), not only the
+    expert's own path from rest.
     """
     from openvla_ros.eval.bag_writer import BagWriter
     from openvla_ros.sim.expert import ReachExpert
-    from openvla_ros.sim.rollout import panda_kinematics, run_episode
+    from openvla_ros.sim.rollout import panda_kinematics, posture_reaching, run_episode
     from openvla_ros.sim.scene import PandaScene, instruction_for, target_for_seed
 
     own_scene = scene is None
@@ -284,7 +318,10 @@ def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert
     expert = expert or ReachExpert()
     dt = expert.control_period_s
     try:
-        scene.reset(seed)
+        cubes = scene.reset(seed)
+        start_tip = random_start_tip(seed, cubes, random_start_probability)
+        if start_tip is not None:
+            scene.set_arm_posture(posture_reaching(kinematics, start_tip, scene.get_joint_positions()))
         target = target_for_seed(seed)
         instruction = instruction_for(target)
         if path.exists():  # a half-written bag of an interrupted run
@@ -315,6 +352,7 @@ def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert
             result = run_episode(scene, kinematics, noisy_expert, target,
                                  max_seconds=max_seconds, control_period_s=dt, on_period=on_period)
         return {"bag": str(path), "seed": seed, "target": target, "instruction": instruction,
+                "start_tip": None if start_tip is None else start_tip.tolist(),
                 "success": bool(result.success), "frames": int(result.periods),
                 "final_distance_m": float(result.final_distance_m)}
     finally:
@@ -322,26 +360,59 @@ def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert
             scene.close()
 
 
-def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
+# One scene per recording process, built once by `_record_worker_init` (a scene costs ~0.3 s).
+_RECORD_WORKER: dict = {}
+
+
+def _record_worker_init() -> None:
     from openvla_ros.sim.expert import ReachExpert
     from openvla_ros.sim.rollout import panda_kinematics
     from openvla_ros.sim.scene import PandaScene
 
+    _RECORD_WORKER.update(scene=PandaScene(0), kinematics=panda_kinematics(), expert=ReachExpert())
+
+
+def _record_worker_episode(path: str, seed: int, options: dict) -> dict:
+    if not _RECORD_WORKER:
+        _record_worker_init()
+    return record_episode(Path(path), seed, scene=_RECORD_WORKER["scene"], kinematics=_RECORD_WORKER["kinematics"],
+                          expert=_RECORD_WORKER["expert"], **options)
+
+
+def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
     bag_dir = run_dir / "record" / "bags"
     bag_dir.mkdir(parents=True, exist_ok=True)
-    scene, kin, expert = PandaScene(0), panda_kinematics(), ReachExpert()
-    episodes = []
+    options = {"storage": config.storage, "max_seconds": config.episode_seconds,
+               "action_noise_m": config.record_noise_m, "random_start_probability": config.random_start_probability}
+    jobs = [(str(bag_dir / f"episode_{i:04d}"), record_seed(config, i)) for i in range(config.episodes)]
+    episodes: list[dict | None] = [None] * len(jobs)
     bar = progress.bar(config.episodes, "record")
+    workers = min(config.record_workers, len(jobs))
     try:
-        for i in range(config.episodes):
-            episodes.append(record_episode(bag_dir / f"episode_{i:04d}", record_seed(config, i), scene=scene,
-                                           kinematics=kin, expert=expert, storage=config.storage,
-                                           max_seconds=config.episode_seconds,
-                                           action_noise_m=config.record_noise_m))
-            if bar is not None:
-                bar.update(1)
+        if workers <= 1:
+            for i, (path, seed) in enumerate(jobs):
+                episodes[i] = _record_worker_episode(path, seed, options)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            # Episodes are independent and seeded (the scene is rebuilt on every reset), so the bags
+            # are the same whichever process records them; rendering is most of the cost, so two
+            # processes on two cores record twice as fast.
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_record_worker_init) as pool:
+                futures = {pool.submit(_record_worker_episode, path, seed, options): i
+                           for i, (path, seed) in enumerate(jobs)}
+                for future in as_completed(futures):
+                    episodes[futures[future]] = future.result()
+                    if bar is not None:
+                        bar.update(1)
     finally:
-        scene.close()
+        if _RECORD_WORKER:
+            _RECORD_WORKER.pop("scene").close()
+            _RECORD_WORKER.clear()
         if bar is not None:
             bar.close()
     n_train = config.episodes - config.held_out
@@ -349,6 +420,7 @@ def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
             "train_bags": [e["bag"] for e in episodes[:n_train]],
             "held_out_bags": [e["bag"] for e in episodes[n_train:]],
             "frames": int(sum(e["frames"] for e in episodes)),
+            "random_starts": int(sum(e["start_tip"] is not None for e in episodes)),
             "expert_success_rate": float(np.mean([e["success"] for e in episodes]))}
 
 

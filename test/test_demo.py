@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,48 @@ def test_noise_injection_moves_the_arm_off_course_but_records_the_clean_expert_a
         np.testing.assert_allclose(frame.truth[:3], expert.action(tip, cube)[:3], atol=1e-5)
     with pytest.raises(ValueError, match="record_noise_m"):
         DemoConfig(record_noise_m=-0.1).validated()
+
+
+def test_random_starts_are_seeded_inside_the_start_region_and_clear_of_the_cubes():
+    from openvla_ros.sim.scene import START_MIN_CUBE_CLEARANCE_M, START_TIP_REGION
+
+    cubes = {"red": np.array([0.45, 0.0, 0.025]), "blue": np.array([0.6, 0.15, 0.025])}
+    assert all(demo.random_start_tip(s, cubes, 0.0) is None for s in range(20))
+    starts = [demo.random_start_tip(s, cubes, 1.0) for s in range(200)]
+    lo, hi = (np.asarray(v) for v in START_TIP_REGION)
+    for tip in starts:
+        assert np.all(tip >= lo) and np.all(tip <= hi)
+        assert min(np.linalg.norm(tip - c) for c in cubes.values()) >= START_MIN_CUBE_CLEARANCE_M
+    np.testing.assert_array_equal(starts[5], demo.random_start_tip(5, cubes, 1.0))  # seeded
+    half = [demo.random_start_tip(s, cubes, 0.5) is not None for s in range(400)]
+    assert 0.4 < np.mean(half) < 0.6
+    with pytest.raises(ValueError, match="probability"):
+        demo.random_start_tip(0, cubes, 1.5)
+    with pytest.raises(ValueError, match="random_start_probability"):
+        DemoConfig(random_start_probability=-0.1).validated()
+    with pytest.raises(ValueError, match="record_workers"):
+        DemoConfig(record_workers=0).validated()
+
+
+def test_parallel_recording_writes_the_same_episodes_with_random_starts(tmp_path):
+    """Two recording processes give the bags one process gives; random starts begin away from rest."""
+    from openvla_ros.eval.bags import RosBag
+    from openvla_ros.sim.scene import PandaScene
+
+    config = DemoConfig(episodes=4, held_out=1, episode_seconds=1.0, random_start_probability=0.5)
+    results = {}
+    for workers in (1, 2):
+        run = tmp_path / f"w{workers}"
+        results[workers] = demo.step_record(run, replace(config, record_workers=workers), demo._Progress(False, lambda: 0.0))
+    assert results[1]["episodes"] == [
+        {**e, "bag": e["bag"].replace(str(tmp_path / "w2"), str(tmp_path / "w1"))} for e in results[2]["episodes"]]
+    assert results[1]["random_starts"] == sum(e["start_tip"] is not None for e in results[1]["episodes"])
+    assert 0 < results[1]["random_starts"] < 4  # seeds 0-3 draw both kinds at probability 0.5
+    with PandaScene(0) as scene:
+        rest_tip = scene.tip_position()
+    for e in results[2]["episodes"]:
+        with RosBag(e["bag"]) as bag:
+            first = next(iter(bag.messages([demo.TOPIC_TIP_POSE]))).msg.pose.position
+        first = np.array([first.x, first.y, first.z])
+        expected = rest_tip if e["start_tip"] is None else np.asarray(e["start_tip"])
+        np.testing.assert_allclose(first, expected, atol=5e-3)

@@ -181,3 +181,27 @@ def test_bad_scene_parameters_raise():
         PandaScene(0, physics_dt=0.0)
     with pytest.raises(ValueError, match="cube_region"):
         PandaScene(0, cube_region=((0.5, 0.0), (0.4, 0.1)))
+
+
+def test_a_start_posture_is_reached_by_the_ik_and_held_by_the_scene(scene):
+    from openvla_ros.sim.rollout import posture_reaching
+
+    kin = panda_kinematics()
+    scene.reset(0)
+    rest_rotation = kin.tip_pose(np.asarray(PANDA_REST_POSTURE)).rotation
+    goal = np.array([0.55, -0.2, 0.1])
+    q = posture_reaching(kin, goal, scene.get_joint_positions())
+    np.testing.assert_allclose(kin.tip_pose(q).position, goal, atol=1e-3)
+    # The hand keeps pointing down (the orientation the episode's actions hold).
+    np.testing.assert_allclose(kin.tip_pose(q).rotation, rest_rotation, atol=0.05)
+    scene.set_arm_posture(q)
+    np.testing.assert_allclose(scene.tip_position(), goal, atol=1e-3)
+    scene.step(120)  # held there, not falling back to rest
+    np.testing.assert_allclose(scene.tip_position(), goal, atol=3e-3)
+    np.testing.assert_allclose(scene.joint_targets, q)
+    with pytest.raises(ValueError, match="not reached"):
+        posture_reaching(kin, [1.5, 0.0, 0.3], PANDA_REST_POSTURE)  # beyond the workspace box
+    with pytest.raises(ValueError, match="tip_goal"):
+        posture_reaching(kin, [0.5, np.nan, 0.3], PANDA_REST_POSTURE)
+    with pytest.raises(ValueError, match="joint targets"):
+        scene.set_arm_posture([0.0] * 6)

@@ -40,6 +40,32 @@ def panda_kinematics(**overrides) -> ArmKinematics:
     return ArmKinematics.from_urdf(panda_urdf_path(), PANDA_BASE_FRAME, PANDA_TIP_FRAME, list(PANDA_ARM_JOINTS), **kw)
 
 
+def posture_reaching(kinematics: ArmKinematics, tip_goal, q_start, *, tolerance_m: float = 1e-3,
+                     max_iterations: int = 400, step_s: float = 0.05, max_speed_m_s: float = 0.5) -> np.ndarray:
+    """Joint positions with the tip at `tip_goal` (base frame), reached from `q_start` by the diff-IK.
+
+    The same IK the arm is driven with, integrated without dynamics: the hand keeps `q_start`'s
+    orientation and the posture stays on the IK's nullspace-regularised branch (what a teleoperator
+    driving the arm there would leave it in). Raises ValueError when the goal is not reached
+    within `tolerance_m` (outside the workspace box or out of reach).
+    """
+    goal = np.asarray(tip_goal, dtype=float)
+    if goal.shape != (3,) or not np.all(np.isfinite(goal)):
+        raise ValueError(f"tip_goal must be 3 finite numbers, got {tip_goal!r}")
+    q = kinematics.validate_q(q_start)
+    for _ in range(max_iterations):
+        error = goal - kinematics.tip_pose(q).position
+        distance = float(np.linalg.norm(error))
+        if distance <= tolerance_m:
+            return q
+        velocity = error / step_s
+        speed = float(np.linalg.norm(velocity))
+        if speed > max_speed_m_s:
+            velocity *= max_speed_m_s / speed
+        q = kinematics.step(q, np.concatenate([velocity, np.zeros(3)]), step_s).q_next
+    raise ValueError(f"tip_goal {goal.tolist()} not reached within {tolerance_m} m (still {distance:.4f} m away)")
+
+
 @dataclass
 class EpisodeResult:
     target: str

@@ -37,6 +37,10 @@ DEFAULT_CUBE_SIZE_M = 0.05
 # its reach with the hand pointing down, and inside the default camera's view.
 DEFAULT_CUBE_REGION = ((0.40, -0.22), (0.65, 0.22))
 DEFAULT_MIN_CUBE_SEPARATION_M = 0.12
+# Randomised episode starts put the tip in this base-frame box (hand pointing down): over the whole
+# cube region, from just above the cubes' tops up to the rest posture's height (0.49 m).
+START_TIP_REGION = ((0.30, -0.25, 0.08), (0.65, 0.25, 0.45))
+START_MIN_CUBE_CLEARANCE_M = 0.08  # a random start this close to a cube centre is redrawn
 SUCCESS_RADIUS_M = 0.05  # tip within this distance of the target cube's centre = reached
 TASK_REACH_CUBE = "reach-cube"
 
@@ -305,6 +309,15 @@ class PandaScene:
     @property
     def joint_targets(self) -> np.ndarray:
         return self._q_target.copy()
+
+    def set_arm_posture(self, q) -> None:
+        """Teleport the arm to joint positions `q` at rest and hold them there (a start other than rest).
+
+        Only for setting up an episode (it bypasses the dynamics); validated as `set_joint_targets`.
+        """
+        self.set_joint_targets(q)
+        for j, value in zip(self._arm, self._q_target):
+            self._pb(pybullet.resetJointState, self._robot, j, float(value))
 
     def _apply_arm_targets(self) -> None:
         self._pb(pybullet.setJointMotorControlArray, self._robot, self._arm, pybullet.POSITION_CONTROL,
