@@ -38,3 +38,13 @@ def test_record_demos_writes_bags_training_reads(tmp_path):
         assert abs(frames[0].truth[0]) + abs(frames[0].truth[1]) + abs(frames[0].truth[2]) > 0  # the expert moves
     with pytest.raises(ValueError, match="--episodes must be >= 1, got 0"):
         record_demos(episodes=0, out=tmp_path / "none")
+    with pytest.raises(ValueError, match="--noise must be a number >= 0"):
+        record_demos(episodes=1, out=tmp_path / "none", noise_m=-1.0)
+    # Finished episodes with the same settings are kept; other settings record them again.
+    bag = tmp_path / "demos" / "episode_0001"
+    stamp = (bag / "metadata.yaml").stat().st_mtime_ns
+    again = record_demos(episodes=2, out=tmp_path / "demos", seed=5, progress=False)
+    assert again["outcomes"] == summary["outcomes"] and (bag / "metadata.yaml").stat().st_mtime_ns == stamp
+    noisy = record_demos(episodes=2, out=tmp_path / "demos", seed=5, noise_m=0.01, progress=False)
+    assert (bag / "metadata.yaml").stat().st_mtime_ns != stamp
+    assert [o["seed"] for o in noisy["outcomes"]] == [5, 6]

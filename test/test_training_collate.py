@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from openvla_ros.training.collate import IGNORE_INDEX, ActionCollator, TrainSample, augment_image
+from openvla_ros.training.collate import IGNORE_INDEX, ActionCollator, TrainSample, augment_image, shift_image
 from openvla_ros.training.objective import ActionObjective, multimodal_inputs
 from openvla_ros.vla.checkpoint import Checkpoint
 
@@ -122,3 +122,38 @@ def test_augmentation_is_seeded_and_keeps_the_image_size():
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 1.0
     assert np.abs(a.astype(int) - image.astype(int)).mean() > 1.0
+
+
+def test_shift_augmentation_translates_the_image_and_repeats_its_edges(tiny_checkpoint):
+    image = np.zeros((32, 40, 3), np.uint8)
+    image[10:14, 20:24] = 255  # a white square, centre (11.5, 21.5)
+    image[:, 0] = 50  # left column: repeated into the border when shifted right
+    shifts = set()
+    for seed in range(40):
+        out = shift_image(image, seed, 3)
+        assert out.shape == image.shape and out.flags["C_CONTIGUOUS"]
+        ys, xs = np.nonzero(out[..., 0] == 255)
+        dy, dx = ys.mean() - 11.5, xs.mean() - 21.5
+        assert len(ys) == 16 and abs(dy) <= 3 and abs(dx) <= 3 and dy == int(dy) and dx == int(dx)
+        if dx > 0:  # moved right: the left border is the repeated first column
+            assert np.all(out[:, :int(dx) + 1, 0] == 50)
+        shifts.add((int(dy), int(dx)))
+        np.testing.assert_array_equal(out, shift_image(image, seed, 3))  # seeded
+    assert len(shifts) > 15  # many of the 49 translations occur
+    np.testing.assert_array_equal(shift_image(image, 0, 0), image)
+    for bad in (-1, 32, 1.5):
+        with pytest.raises(ValueError, match="max_shift_px"):
+            shift_image(image, 0, bad)
+    # In the collator: applied to seeded samples only, without the crop/jitter when crop_jitter is off.
+    ckpt = Checkpoint.open(tiny_checkpoint)
+    stats = ckpt.action_stats(None)
+    photo = random_image(5, shape=(224, 224, 3))
+    sample = TrainSample(photo, "wave", np.zeros((1, 7)), np.ones(1, bool), "a", aug_seed=3)
+    shift_only = ActionCollator(ckpt, {"a": stats}, 1, crop_jitter=False, shift_px=8)
+    plain = ActionCollator(ckpt, {"a": stats}, 1)
+    expected = plain.pixel_values(TrainSample(shift_image(photo, 3, 8), "wave", np.zeros((1, 7)), np.ones(1, bool), "a"))
+    torch.testing.assert_close(shift_only.pixel_values(sample), expected, rtol=0, atol=0)
+    unseeded = TrainSample(photo, "wave", np.zeros((1, 7)), np.ones(1, bool), "a")
+    torch.testing.assert_close(shift_only.pixel_values(unseeded), plain.pixel_values(unseeded), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shift_px"):
+        ActionCollator(ckpt, {"a": stats}, 1, shift_px=-2)

@@ -6,6 +6,7 @@ two gloo processes under torchrun give the weights of one process with the same 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -25,7 +26,7 @@ from openvla_ros.training.collate import ActionCollator, TrainSample
 from openvla_ros.training.data import EpisodeReadOptions
 from openvla_ros.training.objective import ActionObjective
 from openvla_ros.training.stats import stats_for
-from openvla_ros.training.trainer import DatasetConfig, TrainConfig, evaluate, run_training
+from openvla_ros.training.trainer import DatasetConfig, TrainConfig, evaluate, run_training, run_training_local_processes
 from openvla_ros.vla.checkpoint import Checkpoint
 
 INSTRUCTION = "reach the red cube"
@@ -171,7 +172,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert train_main(_scratch_args(root, tmp_path / "single", "--batch-size", "4")) == 0
     assert train_main(_scratch_args(root, tmp_path / "accum", "--batch-size", "1", "--grad-accum", "4")) == 0
-    assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
+    # The same two ranks started from Python (what the demo does), no torchrun.
+    parser = add_train_arguments(argparse.ArgumentParser())
+    local = config_from_args(parser.parse_args(_scratch_args(root, tmp_path / "local", "--batch-size", "2")))
+    result = run_training_local_processes(local, 2)
+    assert result.steps == 3 and np.isfinite(result.final_loss) and result.checkpoint_dir == tmp_path / "local"
+    assert "WORLD_SIZE" not in os.environ and not torch.distributed.is_initialized()
+    for name in ("ddp", "local"):
+        assert json.loads((tmp_path / name / "run_config.json").read_text())["world_size"] == 2
     single = _weights(tmp_path / "single")
     init = _weights(tmp_path / "single" / "init_checkpoint")
     moved = [n for n in single if not torch.equal(single[n], init[n])]
@@ -180,7 +188,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # gradient by its own running magnitude, so on a near-zero gradient that noise can move a weight by a
     # small fraction of lr: allow 1% of lr per element (the updates themselves are up to 3 x lr).
     lr = 1e-3
-    for other in ("ddp", "accum"):
+    for other in ("ddp", "local", "accum"):
         weights = _weights(tmp_path / other)
         for name in single:
             torch.testing.assert_close(weights[name], single[name], rtol=0, atol=0.01 * lr, msg=f"{other}: {name}")

@@ -11,6 +11,7 @@ and a JSON summary at the end.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -112,33 +113,37 @@ def cmd_sim(args) -> int:
 
 
 def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0, storage: str = "sqlite3",
-                 progress: bool = True) -> dict:
+                 noise_m: float = 0.0, random_start: float = 0.0, workers: int = 1, progress: bool = True) -> dict:
     """One rosbag2 per scripted-expert episode (camera, instruction, joint states, tip pose, the
-    expert's TwistStamped, gripper) under `out`, as `openvla-ros train` and `eval bag` read them."""
+    expert's TwistStamped, gripper) under `out`, as `openvla-ros train` and `eval bag` read them.
+
+    `noise_m` (DART noise on the executed actions), `random_start` (share of episodes starting at a
+    random tip position) and `workers` (parallel processes) as in the demo's record step; episodes
+    already recorded under `out` with the same settings are kept."""
     from tqdm import tqdm
 
-    from ..demo import record_episode
-    from ..sim.rollout import panda_kinematics
-    from ..sim.scene import PandaScene
+    from ..demo import record_episodes
+    from ..sim.rollout import DEFAULT_EPISODE_SECONDS
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
+    if not (math.isfinite(noise_m) and noise_m >= 0):
+        raise ValueError(f"--noise must be a number >= 0 (m), got {noise_m!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    outcomes = []
-    with PandaScene(seed) as scene:
-        kinematics = panda_kinematics()
-        for i in tqdm(range(episodes), desc="record-demos", unit="episode", disable=not progress):
-            outcome = record_episode(out / f"episode_{i:04d}", seed + i, scene=scene, kinematics=kinematics,
-                                     storage=storage)
-            outcomes.append(outcome)
+    options = {"storage": storage, "max_seconds": DEFAULT_EPISODE_SECONDS, "action_noise_m": float(noise_m),
+               "random_start_probability": float(random_start)}
+    with tqdm(total=episodes, desc="record-demos", unit="episode", disable=not progress) as bar:
+        outcomes = record_episodes([(out / f"episode_{i:04d}", seed + i) for i in range(episodes)], options,
+                                   workers=workers, bar=bar)
     return {"episodes": episodes, "out": str(out), "storage": storage, "outcomes": outcomes}
 
 
 def cmd_record_demos(args) -> int:
-    summary = record_demos(task=args.task, episodes=args.episodes, out=args.out, seed=args.seed, storage=args.storage)
+    summary = record_demos(task=args.task, episodes=args.episodes, out=args.out, seed=args.seed, storage=args.storage,
+                           noise_m=args.noise, random_start=args.random_start, workers=args.workers)
     print(json.dumps({k: v for k, v in summary.items() if k != "outcomes"}))
     return 0
 
@@ -153,6 +158,11 @@ def add_sim_parser(subparsers):
     r.add_argument("--out", required=True)
     r.add_argument("--seed", type=int, default=0, help="seed of the first episode (then seed+1, ...)")
     r.add_argument("--storage", default="sqlite3", choices=["sqlite3", "mcap"])
+    r.add_argument("--noise", type=float, default=0.0, metavar="M",
+                   help="std of Gaussian noise on the executed actions, m per action (DART); the bags keep the clean labels")
+    r.add_argument("--random-start", type=float, default=0.0, metavar="P",
+                   help="share of episodes starting with the tip at a random point of the workspace")
+    r.add_argument("--workers", type=int, default=1, help="recording processes (one per core)")
     r.set_defaults(func=cmd_record_demos)
     p.add_argument("--task", default="reach-cube", choices=TASKS)
     p.add_argument("--seconds", type=float, default=20.0)

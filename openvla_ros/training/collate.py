@@ -68,12 +68,40 @@ def augment_image(image: np.ndarray, seed: int, crop_area: float = CENTER_CROP_A
     return pil
 
 
+def shift_image(image: np.ndarray, seed: int, max_shift_px: int) -> np.ndarray:
+    """The image translated by a random whole number of pixels in [-max_shift_px, max_shift_px] per axis.
+
+    The border is extended by repeating the edge pixels (as the random-shift augmentation of
+    image-based control learning does). A translation keeps where things are relative to each
+    other (the hand and the target), which is what a reaching action depends on, while the crop of
+    the reference augmentation also changes the scale.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"image must be HxWxC, got shape {image.shape}")
+    if not isinstance(max_shift_px, (int, np.integer)) or not 0 <= max_shift_px < min(image.shape[:2]):
+        raise ValueError(f"max_shift_px must be an integer in [0, {min(image.shape[:2]) - 1}], got {max_shift_px!r}")
+    if max_shift_px == 0:
+        return image
+    rng = np.random.default_rng([int(seed), 7])
+    dy, dx = (int(v) for v in rng.integers(-max_shift_px, max_shift_px + 1, size=2))
+    s = int(max_shift_px)
+    padded = np.pad(image, ((s, s), (s, s), (0, 0)), mode="edge")
+    h, w = image.shape[:2]
+    return np.ascontiguousarray(padded[s - dy:s - dy + h, s - dx:s - dx + w])
+
+
 class ActionCollator:
     """Encodes TrainSamples for one checkpoint (tokenizer, prompt style, vocabulary, backbones)."""
 
-    def __init__(self, checkpoint: Checkpoint, stats: Mapping[str, ActionStats], chunk_len: int = 1):
+    def __init__(self, checkpoint: Checkpoint, stats: Mapping[str, ActionStats], chunk_len: int = 1, *,
+                 crop_jitter: bool = True, shift_px: int = 0):
+        """`crop_jitter` and `shift_px`: the augmentations of samples with an `aug_seed`."""
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+        if not isinstance(shift_px, (int, np.integer)) or shift_px < 0:
+            raise ValueError(f"shift_px must be an integer >= 0, got {shift_px!r}")
+        self.crop_jitter, self.shift_px = bool(crop_jitter), int(shift_px)
         cfg = checkpoint.config
         self.checkpoint = checkpoint
         self.prompt_style = cfg.prompt_style
@@ -103,10 +131,13 @@ class ActionCollator:
         return self.action_tokenizer.encode(self.stats[sample.dataset].normalise(actions))
 
     def pixel_values(self, sample: TrainSample) -> torch.Tensor:
-        if sample.aug_seed is None:
-            pil = prepare_image(sample.image)
+        image = sample.image
+        if sample.aug_seed is not None and self.shift_px:
+            image = shift_image(image, sample.aug_seed, self.shift_px)
+        if sample.aug_seed is None or not self.crop_jitter:
+            pil = prepare_image(image)
         else:
-            pil = augment_image(sample.image, sample.aug_seed)
+            pil = augment_image(image, sample.aug_seed)
         return to_pixel_values(pil, self.normalisations)[0]
 
     def encode(self, sample: TrainSample) -> dict:
