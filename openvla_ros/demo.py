@@ -129,6 +129,11 @@ class DemoConfig:
     # Share of the demonstrations that start with the tip at a random point of the workspace rather
     # than at the rest posture (closed-loop episodes always start at rest).
     random_start_probability: float = 0.0
+    # Record every scene once per cube colour (same cube placement, same start, each cube the target):
+    # the same first image then asks for different actions, so only the instruction tells them apart.
+    # With one target per scene a model can fit the demonstrations from the image alone (each scene
+    # has one answer) and never learn to read the instruction.
+    paired_targets: bool = False
     record_workers: int = 2  # processes recording episodes in parallel (the bags do not depend on it)
     episode_seconds: float = 8.0
     control_rate_hz: float = 100.0  # chunk buffer sampling + IK rate in the closed loop
@@ -197,8 +202,9 @@ def step_inputs(config: DemoConfig) -> dict[str, dict]:
     """What each step depends on (its own settings plus its inputs' identities)."""
     c = asdict(config)
     record = {k: c[k] for k in ("episodes", "seed", "storage", "episode_seconds", "record_noise_m")}
-    if c["random_start_probability"]:  # (absent when 0, so runs recorded before it existed still resume)
-        record["random_start_probability"] = c["random_start_probability"]
+    for name in ("random_start_probability", "paired_targets"):  # absent when off: older runs still resume
+        if c[name]:
+            record[name] = c[name]
     train = {"record": record, "held_out": c["held_out"],
              **{k: c[k] for k in ("steps", "batch_size", "train_processes", "lr", "warmup_steps", "lr_schedule", "chunk", "hidden", "layers", "heads",
                                   "vision", "augment", "val_fraction", "seed")},
@@ -267,6 +273,19 @@ def record_seed(config: DemoConfig, index: int) -> int:
     return config.seed * 1_000_003 + index
 
 
+def record_scene(config: DemoConfig, index: int) -> tuple[int, str | None]:
+    """(scene seed, target colour or None for the seed's own) of recorded episode `index`.
+
+    With `paired_targets` episodes 2k and 2k+1 are the same scene with each cube as the target.
+    """
+    if not config.paired_targets:
+        return record_seed(config, index), None
+    from openvla_ros.sim.scene import CUBE_COLOURS
+
+    colours = sorted(CUBE_COLOURS)
+    return record_seed(config, index // len(colours)), colours[index % len(colours)]
+
+
 def eval_seed(config: DemoConfig, index: int) -> int:
     return EVAL_SEED_OFFSET + config.seed * 1_000_003 + index
 
@@ -303,8 +322,9 @@ def random_start_tip(seed: int, cube_positions: dict, probability: float) -> np.
     raise ValueError(f"no start in {START_TIP_REGION} clear of the cubes at {cube_positions}")  # pragma: no cover
 
 
-def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert=None, storage: str = "sqlite3",
-                   max_seconds: float = 8.0, action_noise_m: float = 0.0, random_start_probability: float = 0.0) -> dict:
+def record_episode(path: Path, seed: int, *, target: str | None = None, scene=None, kinematics=None, expert=None,
+                   storage: str = "sqlite3", max_seconds: float = 8.0, action_noise_m: float = 0.0,
+                   random_start_probability: float = 0.0) -> dict:
     """One expert demonstration as a bag at `path` (see the module docstring); returns its outcome.
 
     With `action_noise_m` > 0 the arm executes the expert's action plus Gaussian noise of that
@@ -314,7 +334,7 @@ def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert
     With `random_start_probability` > 0 that share of the episodes starts with the tip somewhere
     in the workspace (`random_start_tip`) instead of at the rest posture: the demonstrations then
     also cover the states a drifting policy ends up in (low and beside the cube), not only the
-    expert's own path from rest.
+    expert's own path from rest. `target` (a colour) overrides the seed's own target.
     """
     from openvla_ros.eval.bag_writer import BagWriter
     from openvla_ros.sim.expert import ReachExpert
@@ -331,7 +351,7 @@ def record_episode(path: Path, seed: int, *, scene=None, kinematics=None, expert
         start_tip = random_start_tip(seed, cubes, random_start_probability)
         if start_tip is not None:
             scene.set_arm_posture(posture_reaching(kinematics, start_tip, scene.get_joint_positions()))
-        target = target_for_seed(seed)
+        target = target_for_seed(seed) if target is None else target
         instruction = instruction_for(target)
         if path.exists():  # a half-written bag of an interrupted run
             shutil.rmtree(path)
@@ -385,31 +405,34 @@ def _episode_result_path(bag_path: str | Path) -> Path:
     return Path(f"{bag_path}.json")
 
 
-def _finished_episode(path: str, seed: int, options: dict) -> dict | None:
-    """The result of an episode already recorded at `path` with this seed and these options, else None."""
+def _finished_episode(path: str, seed: int, target: str | None, options: dict) -> dict | None:
+    """The result of an episode already recorded at `path` with this seed, target and options, else None."""
     try:
         done = json.loads(_episode_result_path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if done.get("seed") != seed or done.get("options") != options or not Path(path).is_dir():
+    if (done.get("seed"), done.get("target"), done.get("options")) != (seed, target, options) or not Path(path).is_dir():
         return None
     return done["result"]
 
 
-def _record_worker_episode(path: str, seed: int, options: dict) -> dict:
+def _record_worker_episode(path: str, seed: int, target: str | None, options: dict) -> dict:
     if not _RECORD_WORKER:
         _record_worker_init()
     _episode_result_path(path).unlink(missing_ok=True)
-    result = record_episode(Path(path), seed, scene=_RECORD_WORKER["scene"], kinematics=_RECORD_WORKER["kinematics"],
-                            expert=_RECORD_WORKER["expert"], **options)
+    result = record_episode(Path(path), seed, target=target, scene=_RECORD_WORKER["scene"],
+                            kinematics=_RECORD_WORKER["kinematics"], expert=_RECORD_WORKER["expert"], **options)
     # Written after the bag is closed: an interrupted recording resumes at the first unfinished episode.
-    _episode_result_path(path).write_text(json.dumps({"seed": seed, "options": options, "result": result}))
+    _episode_result_path(path).write_text(json.dumps({"seed": seed, "target": target, "options": options,
+                                                      "result": result}))
     return result
 
 
-def record_episodes(jobs: Sequence[tuple[str | Path, int]], options: dict, *, workers: int = 1, bar=None) -> list[dict]:
-    """Expert demonstrations: one bag per (path, seed) job, recorded with `record_episode(**options)`.
+def record_episodes(jobs: Sequence[tuple[str | Path, int, str | None]], options: dict, *, workers: int = 1,
+                    bar=None) -> list[dict]:
+    """Expert demonstrations: one bag per (path, seed, target) job, by `record_episode(**options)`.
 
+    A None target is the seed's own (`target_for_seed`).
     Episodes are independent and seeded (the scene is rebuilt on every reset), so the bags are the
     same whichever process records them; rendering is most of the cost, so `workers` processes
     record about `workers` times as fast on as many cores. An episode already recorded at its path
@@ -418,8 +441,8 @@ def record_episodes(jobs: Sequence[tuple[str | Path, int]], options: dict, *, wo
     """
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    jobs = [(str(path), int(seed)) for path, seed in jobs]
-    episodes: list[dict | None] = [_finished_episode(path, seed, options) for path, seed in jobs]
+    jobs = [(str(path), int(seed), target) for path, seed, target in jobs]
+    episodes: list[dict | None] = [_finished_episode(*job, options) for job in jobs]
     todo = [i for i, e in enumerate(episodes) if e is None]
     if bar is not None:
         bar.update(len(jobs) - len(todo))
@@ -453,7 +476,7 @@ def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
     bag_dir.mkdir(parents=True, exist_ok=True)
     options = {"storage": config.storage, "max_seconds": config.episode_seconds,
                "action_noise_m": config.record_noise_m, "random_start_probability": config.random_start_probability}
-    jobs = [(bag_dir / f"episode_{i:04d}", record_seed(config, i)) for i in range(config.episodes)]
+    jobs = [(bag_dir / f"episode_{i:04d}", *record_scene(config, i)) for i in range(config.episodes)]
     bar = progress.bar(config.episodes, "record")
     try:
         episodes = record_episodes(jobs, options, workers=config.record_workers, bar=bar)

@@ -276,7 +276,7 @@ def test_parallel_recording_writes_the_same_episodes_with_random_starts(tmp_path
     from openvla_ros.eval.bags import RosBag
     from openvla_ros.sim.scene import PandaScene
 
-    config = DemoConfig(episodes=4, held_out=1, episode_seconds=1.0, random_start_probability=0.5)
+    config = DemoConfig(episodes=4, held_out=1, episode_seconds=1.0, random_start_probability=0.5, paired_targets=True)
     results = {}
     for workers in (1, 2):
         run = tmp_path / f"w{workers}"
@@ -284,7 +284,14 @@ def test_parallel_recording_writes_the_same_episodes_with_random_starts(tmp_path
     assert results[1]["episodes"] == [
         {**e, "bag": e["bag"].replace(str(tmp_path / "w2"), str(tmp_path / "w1"))} for e in results[2]["episodes"]]
     assert results[1]["random_starts"] == sum(e["start_tip"] is not None for e in results[1]["episodes"])
-    assert 0 < results[1]["random_starts"] < 4  # seeds 0-3 draw both kinds at probability 0.5
+    assert 0 < results[1]["random_starts"] < 4  # seeds 0 and 1 draw both kinds at probability 0.5
+    # Paired targets: each scene (seed) twice, once per cube, with the same start.
+    eps = results[1]["episodes"]
+    assert [e["seed"] for e in eps] == [0, 0, 1, 1]
+    assert [e["target"] for e in eps] == ["blue", "red", "blue", "red"]
+    assert [e["instruction"] for e in eps[:2]] == ["reach the blue cube", "reach the red cube"]
+    assert eps[0]["start_tip"] == eps[1]["start_tip"] and eps[2]["start_tip"] == eps[3]["start_tip"]
+    assert demo.record_scene(replace(config, paired_targets=False), 3) == (3, None)
     with PandaScene(0) as scene:
         rest_tip = scene.tip_position()
     for e in results[2]["episodes"]:

@@ -136,7 +136,7 @@ def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0,
     options = {"storage": storage, "max_seconds": DEFAULT_EPISODE_SECONDS, "action_noise_m": float(noise_m),
                "random_start_probability": float(random_start)}
     with tqdm(total=episodes, desc="record-demos", unit="episode", disable=not progress) as bar:
-        outcomes = record_episodes([(out / f"episode_{i:04d}", seed + i) for i in range(episodes)], options,
+        outcomes = record_episodes([(out / f"episode_{i:04d}", seed + i, None) for i in range(episodes)], options,
                                    workers=workers, bar=bar)
     return {"episodes": episodes, "out": str(out), "storage": storage, "outcomes": outcomes}
 
