@@ -278,7 +278,7 @@ def cmd_bringup(args) -> int:
 
 def cmd_demo(args) -> int:
     """The quick demo (a tiny checkpoint, one prediction on a generated scene), or with --loop the
-    whole workflow: record -> fine-tune -> evaluate -> closed loop (openvla_ros.demo, work in progress)."""
+    whole workflow: record -> fine-tune -> evaluate -> closed loop -> ROS deployment (openvla_ros.demo)."""
     if args.loop:
         from .demo import STEPS, run_demo
 

@@ -147,6 +147,15 @@ def test_step_inputs_chain_and_validation():
         DemoConfig(ros_policies=(demo.POLICY_EXPERT,)).validated()
     with pytest.raises(ValueError, match="unknown steps"):
         run_demo("/nonexistent/never", redo=("fly",))
+    with pytest.raises(ValueError, match="blend_policy"):
+        DemoConfig(blend_policy="average").validated()
+    with pytest.raises(ValueError, match="train_processes"):
+        DemoConfig(batch_size=8, train_processes=3).validated()
+    # The closed loop's blending is a closed-loop setting only; the recording's and training's stay.
+    other_blend = step_inputs(replace(DemoConfig(), blend_policy="crossfade"))
+    assert other_blend["train"] == base["train"] and other_blend["closed_loop"] != base["closed_loop"]
+    paired = step_inputs(replace(DemoConfig(), paired_targets=not DemoConfig().paired_targets))
+    assert paired["record"] != base["record"] and paired["train"] != base["train"]
 
 
 def test_deployment_ran_through_the_ros_graph_and_moved_the_arm_via_ik_node(tiny_run):

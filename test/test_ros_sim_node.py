@@ -161,7 +161,7 @@ def test_bad_commands_are_logged_counted_and_ignored(probe, start):
     assert "gripper" in status_values(status)["last_error"] or "limits" in status_values(status)["last_error"]
     np.testing.assert_allclose(node.sim.scene.joint_targets, READY)
     # Still alive and obeying good commands (in any joint order).
-    target = READY + np.array([0.3, 0, 0, 0, 0, 0, 0])
+    target = READY + np.array([0.15, 0, 0, 0, 0, 0, 0])
     pub.publish(JointState(name=names[::-1], position=list(target[::-1])))
     moved = probe.wait_for("/joint_states", lambda m: abs(m.position[0] - target[0]) < 0.01, timeout=TIMEOUT)
     assert moved is not None

@@ -72,7 +72,7 @@ def test_real_time_pacing_follows_the_clock_and_rebases_when_far_behind(scene):
 
 def test_commands_are_applied_by_the_loop_and_bad_ones_ignored(scene):
     errors = []
-    loop = SimLoop(scene, real_time=False, on_error=errors.append)
+    loop = SimLoop(scene, real_time=False, on_error=errors.append, max_command_jump_rad=0.0)
     target = np.array(PANDA_REST_POSTURE) + np.array([0.3, 0, 0, 0, 0, 0, 0])
     loop.command_joints([math.nan] * 7)
     loop.run_once()
@@ -91,6 +91,36 @@ def test_commands_are_applied_by_the_loop_and_bad_ones_ignored(scene):
         loop.run_once()
     np.testing.assert_allclose(scene.get_joint_positions(), target, atol=0.02)
     assert scene.gripper_opening() < 0.1
+
+
+def test_commands_far_from_the_arm_are_refused_so_a_reset_is_not_undone(scene):
+    """Commands integrated from the posture before a reset would drag the arm back there: refused."""
+    errors = []
+    loop = SimLoop(scene, real_time=False, on_error=errors.append)
+    assert loop.max_command_jump_rad == pytest.approx(0.2)
+    rest = np.array(PANDA_REST_POSTURE)
+    far = rest + np.array([0.0, 0.5, 0.0, -0.4, 0.0, 0.3, 0.0])
+    loop.command_joints(far)
+    loop.run_once()
+    assert loop.counters["jump_refusals"] == 1 and "panda_joint2" in errors[-1] and "0.500 rad" in errors[-1]
+    np.testing.assert_allclose(scene.joint_targets, rest)
+    # A tracking controller's small steps towards the same posture are followed all the way.
+    q = rest.copy()
+    for _ in range(600):
+        q = q + np.clip(far - q, -0.005, 0.005)
+        loop.command_joints(q)
+        loop.run_once()
+    np.testing.assert_allclose(scene.get_joint_positions(), far, atol=0.02)
+    assert loop.counters["jump_refusals"] == 1
+    # After a reset the arm is back at rest; the old episode's command is refused, not obeyed.
+    scene.reset(4)
+    loop.command_joints(far)
+    for _ in range(120):
+        loop.run_once()
+    np.testing.assert_allclose(scene.get_joint_positions(), rest, atol=1e-2)
+    assert loop.counters["jump_refusals"] == 2
+    with pytest.raises(ValueError, match="max_command_jump_rad"):
+        SimLoop(scene, real_time=False, max_command_jump_rad=-1.0)
 
 
 def test_reset_from_another_thread_starts_the_next_seeded_episode(scene):

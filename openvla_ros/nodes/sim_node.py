@@ -21,7 +21,8 @@ import threading
 from ..control.ik_controller import order_joint_positions
 from ..sim.scene import CUBE_COLOURS, PANDA_ARM_JOINTS, PANDA_BASE_FRAME, CameraConfig, DEFAULT_PHYSICS_HZ, PandaScene
 from ..sim.render_process import RenderProcess
-from ..sim.sim_loop import DEFAULT_CAMERA_RATE_HZ, DEFAULT_JOINT_STATE_RATE_HZ, DEFAULT_MAX_LAG_S, SimLoop
+from ..sim.sim_loop import (DEFAULT_CAMERA_RATE_HZ, DEFAULT_JOINT_STATE_RATE_HZ, DEFAULT_MAX_COMMAND_JUMP_RAD,
+                             DEFAULT_MAX_LAG_S, SimLoop)
 from .params import ParamSpec, declare_parameters
 
 NODE_NAME = "sim_node"
@@ -43,6 +44,9 @@ PARAMS = [
     ParamSpec("physics_hz", DEFAULT_PHYSICS_HZ, "physics step rate", "Hz", min=20.0, max=2000.0, read_only=True),
     ParamSpec("max_lag_s", DEFAULT_MAX_LAG_S, "real time: re-base the pacing when this far behind", "s",
               min=0.01, max=10.0, read_only=True),
+    ParamSpec("max_command_jump_rad", DEFAULT_MAX_COMMAND_JUMP_RAD,
+              "refuse joint commands farther than this from the arm's position in any joint (0 = no check), "
+              "as a driver refuses a position jump", "rad", min=0.0, max=10.0, read_only=True),
     ParamSpec("joint_state_rate_hz", DEFAULT_JOINT_STATE_RATE_HZ, "joint state rate (simulated time)", "Hz",
               min=1.0, max=1000.0, read_only=True),
     ParamSpec("camera_rate_hz", DEFAULT_CAMERA_RATE_HZ, "camera frame rate (simulated time)", "Hz",
@@ -127,7 +131,8 @@ def _make_node_class():
                                                         urdf_path=scene.urdf_path))
                 self.sim = SimLoop(scene, target=p["target"] or None, real_time=p["real_time"], speed=p["speed"],
                                    joint_state_rate_hz=p["joint_state_rate_hz"], camera_rate_hz=p["camera_rate_hz"],
-                                   max_lag_s=p["max_lag_s"], renderer=self._renderer, on_step=self._on_step,
+                                   max_lag_s=p["max_lag_s"], max_command_jump_rad=p["max_command_jump_rad"],
+                                   renderer=self._renderer, on_step=self._on_step,
                                    on_joint_state=self._publish_state, on_image=self._publish_image,
                                    on_episode=self._publish_episode, on_error=self._log_error)
             except ValueError:

@@ -27,6 +27,11 @@ from .scene import PandaScene, instruction_for, target_for_seed
 DEFAULT_JOINT_STATE_RATE_HZ = 100.0
 DEFAULT_CAMERA_RATE_HZ = 10.0
 DEFAULT_MAX_LAG_S = 0.25
+# A joint command this far (rad, any joint) from where the arm is, is refused, as a driver refuses a
+# position jump: a controller integrating from a posture the arm is no longer in (commands sent
+# before a reset, or a controller that lost track) would otherwise yank the arm there. A tracking
+# controller's commands stay within a few hundredths of a radian of the measured posture.
+DEFAULT_MAX_COMMAND_JUMP_RAD = 0.2
 _RATE_WINDOW = 100  # samples for the measured real-time factor and camera rate
 
 
@@ -78,6 +83,7 @@ class SimLoop:
         joint_state_rate_hz: float = DEFAULT_JOINT_STATE_RATE_HZ,
         camera_rate_hz: float = DEFAULT_CAMERA_RATE_HZ,
         max_lag_s: float = DEFAULT_MAX_LAG_S,
+        max_command_jump_rad: float = DEFAULT_MAX_COMMAND_JUMP_RAD,
         clock: Callable[[], float] = time.monotonic,
         on_step: Callable[[float], None] | None = None,
         on_joint_state: Callable[[SimSnapshot], None] | None = None,
@@ -90,6 +96,10 @@ class SimLoop:
                             ("max_lag_s", max_lag_s)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not (isinstance(max_command_jump_rad, (int, float)) and math.isfinite(max_command_jump_rad)
+                and max_command_jump_rad >= 0):
+            raise ValueError(f"max_command_jump_rad must be >= 0 (0: no check), got {max_command_jump_rad!r}")
+        self.max_command_jump_rad = float(max_command_jump_rad)
         if not (isinstance(speed, (int, float)) and math.isfinite(speed) and speed >= 0):
             raise ValueError(f"speed must be >= 0 (0: as fast as possible), got {speed!r}")
         self.scene = scene
@@ -230,6 +240,7 @@ class SimLoop:
                 done.set()
         if joints is not None:
             try:
+                self._check_jump(joints)
                 self.scene.set_joint_targets(joints)
                 self.counters["joint_commands"] += 1
             except ValueError as exc:
@@ -240,6 +251,25 @@ class SimLoop:
                 self.counters["gripper_commands"] += 1
             except ValueError as exc:
                 self._error(f"ignoring gripper command: {exc}")
+
+    def _check_jump(self, joints) -> None:
+        if not self.max_command_jump_rad:
+            return
+        try:
+            q = np.asarray(joints, dtype=float)
+        except (TypeError, ValueError):
+            return  # set_joint_targets names the bad value
+        measured = self.scene.get_joint_positions()
+        if q.shape != measured.shape or not np.all(np.isfinite(q)) \
+                or np.any(q < self.scene.joint_lower) or np.any(q > self.scene.joint_upper):
+            return  # set_joint_targets refuses it and names the bad value
+        jump = np.abs(q - measured)
+        worst = int(np.argmax(jump))
+        if jump[worst] > self.max_command_jump_rad:
+            self.counters["jump_refusals"] += 1
+            raise ValueError(f"{self.scene.joint_names[worst]} target {q[worst]:.3f} rad is {jump[worst]:.3f} rad "
+                             f"from its position {measured[worst]:.3f} (max_command_jump_rad "
+                             f"{self.max_command_jump_rad})")
 
     def _start_episode(self, seed: int, target: str | None, reset: bool = False) -> Episode:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
