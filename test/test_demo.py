@@ -84,8 +84,10 @@ def test_closed_loop_episodes_and_summary(tiny_run):
     assert model["seed"] == swapped["seed"] == seed and model["target"] != swapped["target"]
     # 1.6 s at 100 Hz, unless the target was reached at a check.
     assert model["ticks"] == round(TINY["episode_seconds"] * 100) or model["success"]
-    # The model ran every replan period (0.2 s); the path has one point per check.
-    assert model["calls"] == math.ceil(model["ticks"] / 20)
+    # The model ran every replan period (0.1 s by default); the path has one point per check (0.2 s).
+    ticks_per_replan = round(DemoConfig(**TINY).replan_period_s * 100)
+    assert ticks_per_replan == 10
+    assert model["calls"] == math.ceil(model["ticks"] / ticks_per_replan)
     assert len(model["tip_path"]) == model["ticks"] // 20 + 1
     # The arm moved: the IK integrated the model's twists into joint motion.
     path = np.array(model["tip_path"])
