@@ -129,6 +129,40 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, tiny_checkpoint,
         run_training(changed)
 
 
+def test_weight_average_is_exported_and_resumed_exactly(tmp_path, tiny_checkpoint, demo_bags):
+    """ema_decay: training is unchanged, the export is the running average, and it survives a resume."""
+    root, _ = demo_bags
+
+    def config(out, steps, decay):
+        return TrainConfig(out_dir=str(out), datasets=[_dataset(root)], base_checkpoint=str(tiny_checkpoint),
+                           steps=steps, batch_size=2, lr=3e-3, lora_rank=4, train_parts=["projector"], augment=False,
+                           val_fraction=0.0, save_every=2, progress=False, cache_dir=str(tmp_path / "cache"),
+                           ema_decay=decay)
+
+    plain = run_training(config(tmp_path / "plain", 4, 0.0))
+    straight = run_training(config(tmp_path / "ema", 4, 0.9))
+    run_training(config(tmp_path / "split", 2, 0.9))
+    run_training(config(tmp_path / "split", 4, 0.9))
+    assert _losses(straight.log_path) == _losses(plain.log_path)  # the average does not train
+    last, averaged, resumed = _weights(tmp_path / "plain"), _weights(tmp_path / "ema"), _weights(tmp_path / "split")
+    init = _weights(tiny_checkpoint)
+    trained = [n for n in last if not torch.equal(last[n], init[n])]
+    assert trained
+    for name in last:
+        torch.testing.assert_close(resumed[name], averaged[name], rtol=0, atol=0, msg=name)
+        if name not in trained:
+            torch.testing.assert_close(averaged[name], last[name], rtol=0, atol=0, msg=name)
+    # The average lags behind the last step's weights, towards where training started.
+    for name in trained:
+        assert (averaged[name] - init[name]).abs().sum() < (last[name] - init[name]).abs().sum(), name
+    # A vanishing decay exports the last step's weights.
+    run_training(config(tmp_path / "tiny_decay", 4, 1e-9))
+    for name, value in _weights(tmp_path / "tiny_decay").items():
+        torch.testing.assert_close(value, last[name], rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="ema_decay"):
+        config(tmp_path / "bad", 1, 1.0).validated()
+
+
 def test_worker_processes_give_the_weights_of_the_in_process_loader(tmp_path, tiny_checkpoint, demo_bags):
     import multiprocessing
 

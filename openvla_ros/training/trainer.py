@@ -109,6 +109,9 @@ class TrainConfig:
     # Random translation by up to this many pixels (edge-padded), with or without `augment`; the
     # checkpoint needs no crop at inference for it.
     augment_shift_px: int = 0
+    # Exponential moving average of the trained weights, exported instead of the last step's
+    # (0 = off): ema <- decay * ema + (1 - decay) * weights after every step.
+    ema_decay: float = 0.0
     num_workers: int = 0  # DataLoader worker processes building batches; 0: in the training process
     device: str = "cpu"
     eval_every: int = 100
@@ -126,6 +129,8 @@ class TrainConfig:
         return bool(self.augment or self.augment_shift_px)
 
     def validated(self) -> "TrainConfig":
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if isinstance(self.augment_shift_px, bool) or not isinstance(self.augment_shift_px, int) \
                 or not 0 <= self.augment_shift_px <= 64:
             raise ValueError(f"augment_shift_px must be an integer in [0, 64], got {self.augment_shift_px!r}")
@@ -777,12 +782,15 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 
     step, cursors = 0, [0] * len(datasets)
+    ema = trainable_state(inner) if config.ema_decay else None
     if resume_state is not None:
         params = dict(inner.named_parameters())
         for name, value in resume_state["trainable"].items():
             params[name].data.copy_(value)
         optimizer.load_state_dict(resume_state["optimizer"])
         step, cursors = int(resume_state["step"]), list(resume_state["cursors"])
+        if config.ema_decay:
+            ema = {name: value.clone() for name, value in resume_state["ema"].items()}
         log.info("resumed %s at step %d", out_dir, step)
     if ctx.is_main:
         _write_log(log_path, _read_log(log_path, step))
@@ -809,7 +817,7 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
             return
         state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"step": step, "cursors": list(cursors), "trainable": trainable_state(inner),
+        torch.save({"step": step, "cursors": list(cursors), "trainable": trainable_state(inner), "ema": ema,
                     "optimizer": optimizer.state_dict(), "resume_key": _resume_key(config),
                     "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state()}, tmp)
         os.replace(tmp, state_path)
@@ -846,6 +854,11 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            with torch.no_grad():
+                for name, p in inner.named_parameters():
+                    if p.requires_grad:
+                        ema[name].lerp_(p.detach(), 1.0 - config.ema_decay)
         if ctx.world > 1:
             torch.distributed.all_reduce(loss_sum)
         step += 1
@@ -884,8 +897,8 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
                    "train_parts": list(config.train_parts), "normalization": config.normalization,
                    "image_augmentation": config.augment, "shift_augmentation_px": config.augment_shift_px,
                    "center_crop_at_inference": config.augment,
-                   "datasets": {d.name: d.weight for d in config.datasets}, "final_loss": last_loss, **metrics}
-        export_checkpoint(out_dir, base, config, trainable_state(inner), statistics, chunk_len, dt, dim_names,
+                   "datasets": {d.name: d.weight for d in config.datasets}, "final_loss": last_loss, "ema_decay": config.ema_decay, **metrics}
+        export_checkpoint(out_dir, base, config, trainable_state(inner) if ema is None else ema, statistics, chunk_len, dt, dim_names,
                           summary, save_adapter=config.save_adapter)
     ctx.barrier()
     return TrainResult(checkpoint_dir=out_dir, steps=step, final_loss=last_loss, metrics=metrics, log_path=log_path)
