@@ -499,10 +499,7 @@ def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    n_train = config.episodes - config.held_out
     return {"bag_dir": str(bag_dir), "episodes": episodes,
-            "train_bags": [e["bag"] for e in episodes[:n_train]],
-            "held_out_bags": [e["bag"] for e in episodes[n_train:]],
             "frames": int(sum(e["frames"] for e in episodes)),
             "random_starts": int(sum(e["start_tip"] is not None for e in episodes)),
             "expert_success_rate": float(np.mean([e["success"] for e in episodes]))}
@@ -510,6 +507,17 @@ def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # 2. training
+
+
+def split_bags(record: dict, config: DemoConfig) -> tuple[list[str], list[str]]:
+    """(training bags, held-out bags): the last `held_out` recorded episodes are held out.
+
+    Split here rather than when recording: `held_out` is not a recording setting, so a changed
+    `held_out` reuses the recorded bags and still splits them its own way.
+    """
+    bags = [e["bag"] for e in record["episodes"]]
+    n_train = len(bags) - config.held_out
+    return bags[:n_train], bags[n_train:]
 
 
 def train_config(run_dir: Path, config: DemoConfig, train_bags: Sequence[str], progress: bool):
@@ -532,7 +540,7 @@ def train_config(run_dir: Path, config: DemoConfig, train_bags: Sequence[str], p
 def step_train(run_dir: Path, config: DemoConfig, record: dict, progress: _Progress, redo: bool) -> dict:
     from openvla_ros.training.trainer import can_resume, run_training_local_processes
 
-    cfg = train_config(run_dir, config, record["train_bags"], progress.enabled)
+    cfg = train_config(run_dir, config, split_bags(record, config)[0], progress.enabled)
     # The trainer resumes an interrupted run of the same settings; a forced redo or changed
     # settings (this step runs again because its inputs changed) start from scratch.
     if Path(cfg.out_dir).exists() and (redo or can_resume(cfg) is False):
@@ -584,7 +592,7 @@ def step_open_loop(run_dir: Path, config: DemoConfig, record: dict, train: dict,
                            gripper_topic=TOPIC_GRIPPER),
         instruction_pairs=instruction_pairs(), sensitivity_frames=config.sensitivity_frames)
     rows = run_eval(lambda ckpt: make_engine(ckpt, train["center_crop"]), [train["checkpoint"]],
-                    record["held_out_bags"], options, out, progress=progress.enabled)
+                    split_bags(record, config)[1], options, out, progress=progress.enabled)
     per_bag = []
     for row in rows:
         summary = json.loads((Path(row["dir"]) / "summary.json").read_text())
@@ -1156,6 +1164,7 @@ def step_deploy_ros(run_dir: Path, config: DemoConfig, train: dict, progress: _P
 def build_summary(config: DemoConfig, record: dict, train: dict, open_loop: dict, closed: dict,
                   timings: dict, deploy: dict | None = None) -> dict:
     """The run's results; `deploy` (step deploy_ros) is None with the in-process backend."""
+    train_bags, held_out_bags = split_bags(record, config)
     pol = closed["policies"]
 
     def rate(name):
@@ -1207,7 +1216,7 @@ def build_summary(config: DemoConfig, record: dict, train: dict, open_loop: dict
         "open_loop": {k: open_loop[k] for k in ("frames", "l2_mean", "nrmse", "sensitivity_l2_mean")},
         "training": {k: train[k] for k in ("steps", "final_loss", "metrics", "checkpoint")},
         "recorded": {"episodes": len(record["episodes"]), "frames": record["frames"],
-                     "train_episodes": len(record["train_bags"]), "held_out_episodes": len(record["held_out_bags"]),
+                     "train_episodes": len(train_bags), "held_out_episodes": len(held_out_bags),
                      "expert_success_rate": record["expert_success_rate"]},
         "config": asdict(config),
         "step_wall_s": timings,

@@ -28,9 +28,13 @@ def test_recorded_bags_hold_every_topic_and_the_expert_action(tiny_run):
     from openvla_ros.eval.bags import BagReadOptions, list_topics, read_frames
     from openvla_ros.sim.scene import instruction_for, target_for_seed
 
-    run_dir, _ = tiny_run
+    run_dir, summary = tiny_run
     record = json.loads((run_dir / "record" / DONE_FILE).read_text())["result"]
-    assert len(record["episodes"]) == 3 and len(record["train_bags"]) == 2 and len(record["held_out_bags"]) == 1
+    assert len(record["episodes"]) == 3
+    assert [len(bags) for bags in demo.split_bags(record, DemoConfig(**TINY))] == [2, 1]
+    # held_out is not a recording setting: another split of the same bags.
+    assert [len(bags) for bags in demo.split_bags(record, DemoConfig(**{**TINY, "held_out": 2}))] == [1, 2]
+    assert summary["recorded"]["train_episodes"] == 2 and summary["recorded"]["held_out_episodes"] == 1
     episode = record["episodes"][0]
     topics = {t.name: t.msgtype for t in list_topics(episode["bag"])}
     assert topics == {demo.TOPIC_IMAGE: "sensor_msgs/msg/Image", demo.TOPIC_INSTRUCTION: "std_msgs/msg/String",
