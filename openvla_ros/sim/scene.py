@@ -292,8 +292,13 @@ class PandaScene:
 
         Non-finite or out-of-limit targets raise ValueError and leave the previous targets active.
         """
+        self._q_target = self.validated_joint_targets(q)
+        self._apply_arm_targets()
+
+    def validated_joint_targets(self, q) -> np.ndarray:
+        """`q` as 7 finite joint positions within the limits (a float array), else ValueError naming it."""
         try:
-            q = np.asarray(q, dtype=float)
+            q = np.array(q, dtype=float)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"joint targets must be numeric, got {q!r}") from exc
         if q.shape != (len(self._arm),) or not np.all(np.isfinite(q)):
@@ -303,8 +308,7 @@ class PandaScene:
         if np.any(bad):
             names = [PANDA_ARM_JOINTS[i] for i in np.flatnonzero(bad)]
             raise ValueError(f"joint targets {q.tolist()} outside the limits of {names}")
-        self._q_target = q.copy()
-        self._apply_arm_targets()
+        return q
 
     @property
     def joint_targets(self) -> np.ndarray:

@@ -240,8 +240,9 @@ class SimLoop:
                 done.set()
         if joints is not None:
             try:
-                self._check_jump(joints)
-                self.scene.set_joint_targets(joints)
+                q = self.scene.validated_joint_targets(joints)
+                self._check_jump(q)
+                self.scene.set_joint_targets(q)
                 self.counters["joint_commands"] += 1
             except ValueError as exc:
                 self._error(f"ignoring joint command: {exc}")
@@ -252,17 +253,11 @@ class SimLoop:
             except ValueError as exc:
                 self._error(f"ignoring gripper command: {exc}")
 
-    def _check_jump(self, joints) -> None:
+    def _check_jump(self, q: np.ndarray) -> None:
+        """ValueError when validated targets `q` are farther than max_command_jump_rad from the arm."""
         if not self.max_command_jump_rad:
             return
-        try:
-            q = np.asarray(joints, dtype=float)
-        except (TypeError, ValueError):
-            return  # set_joint_targets names the bad value
         measured = self.scene.get_joint_positions()
-        if q.shape != measured.shape or not np.all(np.isfinite(q)) \
-                or np.any(q < self.scene.joint_lower) or np.any(q > self.scene.joint_upper):
-            return  # set_joint_targets refuses it and names the bad value
         jump = np.abs(q - measured)
         worst = int(np.argmax(jump))
         if jump[worst] > self.max_command_jump_rad:

@@ -792,6 +792,8 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         if config.ema_decay:
             ema = {name: value.clone() for name, value in resume_state["ema"].items()}
         log.info("resumed %s at step %d", out_dir, step)
+    # (running average, parameter) pairs, built once: the update runs after every step.
+    ema_pairs = [] if ema is None else [(ema[n], p) for n, p in inner.named_parameters() if p.requires_grad]
     if ctx.is_main:
         _write_log(log_path, _read_log(log_path, step))
         (out_dir / RUN_CONFIG_FILE).write_text(json.dumps({"config": config.to_json(), "world_size": ctx.world,
@@ -854,11 +856,10 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema_pairs:
             with torch.no_grad():
-                for name, p in inner.named_parameters():
-                    if p.requires_grad:
-                        ema[name].lerp_(p.detach(), 1.0 - config.ema_decay)
+                for average, p in ema_pairs:
+                    average.lerp_(p.detach(), 1.0 - config.ema_decay)
         if ctx.world > 1:
             torch.distributed.all_reduce(loss_sum)
         step += 1
