@@ -265,6 +265,28 @@ def test_noise_injection_moves_the_arm_off_course_but_records_the_clean_expert_a
         DemoConfig(record_noise_m=-0.1).validated()
 
 
+def test_settling_records_the_expert_stopping_at_the_goal(tmp_path):
+    """With settle_s the bag goes on after the cube is reached, until the expert's actions are small."""
+    from openvla_ros.eval.bags import BagReadOptions, read_frames
+
+    seed = 3
+    plain = demo.record_episode(tmp_path / "plain", seed)
+    settled = demo.record_episode(tmp_path / "settled", seed, settle_s=0.6)
+    assert plain["success"] and settled["success"]
+    assert settled["frames"] == plain["frames"] + 3  # 0.6 s at the 0.2 s control period
+    options = BagReadOptions(truth_topic=demo.TOPIC_TWIST, image_topic=demo.TOPIC_IMAGE, sync="nearest",
+                             tolerance=0.001)
+    speeds = [float(np.linalg.norm(f.truth[:3])) for f in read_frames(tmp_path / "settled", options)]
+    assert len(speeds) == settled["frames"]
+    # The last labels (m/s) are much slower than the approach: the bag shows where to stop.
+    assert speeds[-1] < 0.2 * max(speeds)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="settle_s"):
+            demo.record_episode(tmp_path / "bad", seed, settle_s=bad)
+    with pytest.raises(ValueError, match="record_settle_s"):
+        DemoConfig(record_settle_s=-1.0).validated()
+
+
 def test_random_starts_are_seeded_inside_the_start_region_and_clear_of_the_cubes():
     from openvla_ros.sim.scene import START_MIN_CUBE_CLEARANCE_M, START_TIP_REGION
 

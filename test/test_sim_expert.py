@@ -91,6 +91,24 @@ def test_expert_settles_above_the_cube_without_pushing_it(scene, kin):
     assert np.linalg.norm(res.actions[-1][:3]) < 0.002
 
 
+def test_episode_goes_on_the_asked_periods_after_success_then_stops(scene, kin):
+    seed = 3
+    target = target_for_seed(seed)
+    scene.reset(seed)
+    first = run_episode(scene, kin, lambda s: ReachExpert().act(s, target), target)
+    scene.reset(seed)
+    longer = run_episode(scene, kin, lambda s: ReachExpert().act(s, target), target, periods_after_success=4)
+    assert first.success and longer.success
+    assert longer.periods == first.periods + 4
+    # Same episode up to the first success (seeded), then the expert closes in on its hover point.
+    np.testing.assert_allclose(longer.actions[:first.periods], first.actions)
+    assert longer.final_distance_m < first.final_distance_m
+    assert np.linalg.norm(longer.actions[-1][:3]) < np.linalg.norm(first.actions[-1][:3])
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="periods_after_success"):
+            run_episode(scene, kin, lambda s: np.zeros(7), target, periods_after_success=bad)
+
+
 def test_bad_policy_action_is_rejected_before_moving(scene, kin):
     scene.reset(1)
     q0 = scene.get_joint_positions()

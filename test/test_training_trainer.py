@@ -163,6 +163,28 @@ def test_weight_average_is_exported_and_resumed_exactly(tmp_path, tiny_checkpoin
         config(tmp_path / "bad", 1, 1.0).validated()
 
 
+def test_gaussian_bin_targets_train_and_export_the_same_checkpoint_format(tmp_path, tiny_checkpoint, demo_bags):
+    """action_bin_sigma changes the loss the model is trained on, not what is exported."""
+    root, _ = demo_bags
+
+    def config(out, sigma):
+        return TrainConfig(out_dir=str(out), datasets=[_dataset(root)], base_checkpoint=str(tiny_checkpoint),
+                           steps=3, batch_size=2, lr=3e-3, lora_rank=4, train_parts=["projector"], augment=False,
+                           val_fraction=0.0, progress=False, cache_dir=str(tmp_path / "cache"), action_bin_sigma=sigma)
+
+    plain, smoothed = run_training(config(tmp_path / "plain", 0.0)), run_training(config(tmp_path / "smoothed", 4.0))
+    # Same first batch, different objective: a Gaussian target's cross-entropy includes its own
+    # entropy, so the loss differs from the one-hot loss from the first step on.
+    assert float(_losses(smoothed.log_path)[0][1]) != pytest.approx(float(_losses(plain.log_path)[0][1]))
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "smoothed")
+    assert a.keys() == b.keys() and any(not torch.equal(a[n], b[n]) for n in a)
+    chunk = TorchEngine(tmp_path / "smoothed").predict(demo_bags[1][0][1], INSTRUCTION)
+    assert chunk.actions.shape == (1, 7) and np.all(np.isfinite(chunk.actions))
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="action_bin_sigma"):
+            config(tmp_path / "bad", bad).validated()
+
+
 def test_worker_processes_give_the_weights_of_the_in_process_loader(tmp_path, tiny_checkpoint, demo_bags):
     import multiprocessing
 

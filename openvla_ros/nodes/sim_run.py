@@ -113,12 +113,14 @@ def cmd_sim(args) -> int:
 
 
 def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0, storage: str = "sqlite3",
-                 noise_m: float = 0.0, random_start: float = 0.0, workers: int = 1, progress: bool = True) -> dict:
+                 noise_m: float = 0.0, random_start: float = 0.0, settle_s: float = 0.0, workers: int = 1,
+                 progress: bool = True) -> dict:
     """One rosbag2 per scripted-expert episode (camera, instruction, joint states, tip pose, the
     expert's TwistStamped, gripper) under `out`, as `openvla-ros train` and `eval bag` read them.
 
     `noise_m` (DART noise on the executed actions), `random_start` (share of episodes starting at a
-    random tip position) and `workers` (parallel processes) as in the demo's record step; episodes
+    random tip position), `settle_s` (recording after the cube is reached) and `workers` (parallel
+    processes) as in the demo's record step; episodes
     already recorded under `out` with the same settings are kept."""
     from tqdm import tqdm
 
@@ -134,7 +136,7 @@ def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {"storage": storage, "max_seconds": DEFAULT_EPISODE_SECONDS, "action_noise_m": float(noise_m),
-               "random_start_probability": float(random_start)}
+               "random_start_probability": float(random_start), "settle_s": float(settle_s)}
     with tqdm(total=episodes, desc="record-demos", unit="episode", disable=not progress) as bar:
         outcomes = record_episodes([(out / f"episode_{i:04d}", seed + i, None) for i in range(episodes)], options,
                                    workers=workers, bar=bar)
@@ -143,7 +145,8 @@ def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0,
 
 def cmd_record_demos(args) -> int:
     summary = record_demos(task=args.task, episodes=args.episodes, out=args.out, seed=args.seed, storage=args.storage,
-                           noise_m=args.noise, random_start=args.random_start, workers=args.workers)
+                           noise_m=args.noise, random_start=args.random_start, settle_s=args.settle,
+                           workers=args.workers)
     print(json.dumps({k: v for k, v in summary.items() if k != "outcomes"}))
     return 0
 
@@ -162,6 +165,8 @@ def add_sim_parser(subparsers):
                    help="std of Gaussian noise on the executed actions, m per action (DART); the bags keep the clean labels")
     r.add_argument("--random-start", type=float, default=0.0, metavar="P",
                    help="share of episodes starting with the tip at a random point of the workspace")
+    r.add_argument("--settle", type=float, default=0.0, metavar="S",
+                   help="seconds recorded after the cube is reached, the expert settling at the goal")
     r.add_argument("--workers", type=int, default=1, help="recording processes (one per core)")
     r.set_defaults(func=cmd_record_demos)
     p.add_argument("--task", default="reach-cube", choices=TASKS)

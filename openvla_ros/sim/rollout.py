@@ -95,18 +95,22 @@ def run_episode(
     control_period_s: float = DEFAULT_CONTROL_PERIOD_S,
     ik_rate_hz: float = DEFAULT_IK_RATE_HZ,
     stop_on_success: bool = True,
+    periods_after_success: int = 0,
     on_period: Callable[[PandaScene, np.ndarray], None] | None = None,
 ) -> EpisodeResult:
     """Run `policy` (scene -> 7-D delta action per control period) from the scene's current state.
 
     Success is the tip coming within the scene's success radius of the target cube at the end of
-    any control period. `on_period(scene, action)` is called before each action is applied (e.g.
-    to record the observation with the action).
+    any control period. With `stop_on_success` the episode ends `periods_after_success` control
+    periods after that (0: at once). `on_period(scene, action)` is called before each action is
+    applied (e.g. to record the observation with the action).
     """
     if tuple(kinematics.joint_names) != tuple(scene.joint_names):
         raise ValueError(f"kinematics joints {kinematics.joint_names} differ from the scene's {scene.joint_names}")
     if not (math.isfinite(ik_rate_hz) and ik_rate_hz > 0):
         raise ValueError(f"ik_rate_hz must be positive, got {ik_rate_hz!r}")
+    if not isinstance(periods_after_success, (int, np.integer)) or periods_after_success < 0:
+        raise ValueError(f"periods_after_success must be an integer >= 0, got {periods_after_success!r}")
     ik_dt = 1.0 / ik_rate_hz
     physics_per_ik = _steps_per(ik_dt, scene.physics_dt, "IK period vs physics step")
     ik_per_period = _steps_per(control_period_s, ik_dt, "control period vs IK period")
@@ -115,6 +119,7 @@ def run_episode(
     actions = []
     min_dist = scene.distance_to(target)
     success = False
+    periods_left = None  # counts down once the target is reached (with stop_on_success)
     n_periods = int(math.floor(max_seconds / control_period_s + 1e-9))
     for _ in range(n_periods):
         action = np.asarray(policy(scene), dtype=float)
@@ -133,10 +138,14 @@ def run_episode(
             scene.step(physics_per_ik)
         dist = scene.distance_to(target)
         min_dist = min(min_dist, dist)
-        if dist <= SUCCESS_RADIUS_M:
+        if periods_left is not None:
+            periods_left -= 1
+        elif dist <= SUCCESS_RADIUS_M:
             success = True
             if stop_on_success:
-                break
+                periods_left = int(periods_after_success)
+        if periods_left == 0:
+            break
     return EpisodeResult(
         target=target,
         success=success,

@@ -4,8 +4,16 @@ The model sees `[BOS] + P projected patches + the rest of the ids` (exactly
 `TorchEngine.multimodal_embeddings`), so labels get -100 for the P patch positions, inserted after
 the first one. Position i's logits predict label i + 1; only positions whose next label is not -100
 (the action tokens and EOS) go through the LM head, which keeps the 32k-vocabulary logits small.
+
+With `bin_sigma` > 0 an action token's target is not one-hot but a Gaussian over the neighbouring
+action bins (its mass on each bin's interval, sigma in bins): the 256 bins are ordered values, and a
+prediction one bin off is nearly right, which plain cross-entropy cannot tell from a wild miss
+(histogram loss with Gaussian smoothing, "HL-Gauss", Imani & White 2018; Farebrother et al. 2024).
+Only the training target changes: the checkpoint and its argmax decoding stay OpenVLA's.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +38,56 @@ def multimodal_inputs(model, pixel_values: torch.Tensor, input_ids: torch.Tensor
     return embeds, mask, torch.cat([labels[:, :1], ignore, labels[:, 1:]], dim=1)
 
 
+def gaussian_bin_targets(target_ids: torch.Tensor, first_id: int, n_ids: int, sigma: float) -> torch.Tensor:
+    """[N, n_ids] target distributions over the action ids first_id .. first_id + n_ids - 1.
+
+    Each row is a Gaussian of std `sigma` (in bins) centred on its target id, integrated over every
+    bin's interval and renormalised over the ids that exist (a target near either end keeps its mass).
+    """
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a positive number of bins, got {sigma!r}")
+    ids = torch.arange(first_id, first_id + n_ids, device=target_ids.device, dtype=torch.float64)
+    centre = target_ids.to(torch.float64)[:, None]
+    scale = sigma * math.sqrt(2.0)
+    mass = 0.5 * (torch.erf((ids + 0.5 - centre) / scale) - torch.erf((ids - 0.5 - centre) / scale))
+    return (mass / mass.sum(dim=1, keepdim=True)).float()
+
+
+def action_token_loss(logits: torch.Tensor, target_ids: torch.Tensor, action_ids: tuple[int, int] | None = None,
+                      bin_sigma: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy of [N, vocab] logits against N target ids; with `bin_sigma` > 0 the
+    targets inside `action_ids` (first id, number of ids) are `gaussian_bin_targets`."""
+    if not bin_sigma:
+        return F.cross_entropy(logits, target_ids, reduction="sum")
+    first, n_ids = action_ids
+    log_probs = F.log_softmax(logits, dim=-1)
+    per_label = -log_probs.gather(1, target_ids[:, None])[:, 0]
+    is_action = (target_ids >= first) & (target_ids < first + n_ids)
+    if bool(is_action.any()):
+        soft = gaussian_bin_targets(target_ids[is_action], first, n_ids, bin_sigma)
+        per_label = per_label.clone()
+        per_label[is_action] = -(soft * log_probs[is_action, first:first + n_ids]).sum(dim=1)
+    return per_label.sum()
+
+
 class ActionObjective(nn.Module):
     """forward(batch tensors) -> (summed cross-entropy, predicted ids, target ids) at the labelled positions.
 
     `model` is an OpenVLAModel (LoRA layers may be injected into it). Wrapping this module in
-    DistributedDataParallel makes the whole training forward go through DDP.
+    DistributedDataParallel makes the whole training forward go through DDP. `action_ids`
+    (first id, number of ids) and `bin_sigma` > 0 turn on Gaussian targets for the action tokens
+    (see the module docstring); other labels (EOS) stay one-hot.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, action_ids: tuple[int, int] | None = None, bin_sigma: float = 0.0):
         super().__init__()
+        if not (isinstance(bin_sigma, (int, float)) and math.isfinite(bin_sigma) and bin_sigma >= 0):
+            raise ValueError(f"bin_sigma must be a number >= 0 (bins), got {bin_sigma!r}")
+        if bin_sigma and action_ids is None:
+            raise ValueError("bin_sigma > 0 needs action_ids (first action token id, number of action ids)")
         self.model = model
+        self.action_ids = None if action_ids is None else (int(action_ids[0]), int(action_ids[1]))
+        self.bin_sigma = float(bin_sigma)
 
     def forward(self, pixel_values, input_ids, attention_mask, labels):
         embeds, mask, mm_labels = multimodal_inputs(self.model, pixel_values, input_ids, attention_mask, labels)
@@ -49,5 +97,5 @@ class ActionObjective(nn.Module):
         selected = targets != IGNORE_INDEX
         logits = causal_lm.lm_head(hidden[:, :-1][selected]).float()
         target_ids = targets[selected]
-        loss_sum = F.cross_entropy(logits, target_ids, reduction="sum")
+        loss_sum = action_token_loss(logits, target_ids, self.action_ids, self.bin_sigma)
         return loss_sum, logits.argmax(dim=-1), target_ids, selected

@@ -112,6 +112,9 @@ class TrainConfig:
     # Exponential moving average of the trained weights, exported instead of the last step's
     # (0 = off): ema <- decay * ema + (1 - decay) * weights after every step.
     ema_decay: float = 0.0
+    # Gaussian targets over neighbouring action bins (std in bins; 0 = one-hot cross-entropy): see
+    # training/objective.py. The checkpoint is the same format either way.
+    action_bin_sigma: float = 0.0
     num_workers: int = 0  # DataLoader worker processes building batches; 0: in the training process
     device: str = "cpu"
     eval_every: int = 100
@@ -129,6 +132,10 @@ class TrainConfig:
         return bool(self.augment or self.augment_shift_px)
 
     def validated(self) -> "TrainConfig":
+        if isinstance(self.action_bin_sigma, bool) or not (isinstance(self.action_bin_sigma, (int, float))
+                                                            and math.isfinite(self.action_bin_sigma)
+                                                            and 0.0 <= self.action_bin_sigma <= 64.0):
+            raise ValueError(f"action_bin_sigma must be a number of bins in [0, 64], got {self.action_bin_sigma!r}")
         if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if isinstance(self.augment_shift_px, bool) or not isinstance(self.augment_shift_px, int) \
@@ -770,7 +777,9 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     val_samples = split_samples(val, config.max_val_samples) if any(val.sizes) else []
 
     inner, peft_model = prepare_model(config, base, device)
-    objective = ActionObjective(inner)
+    tokens = collator.action_tokenizer
+    objective = ActionObjective(inner, action_ids=(tokens.first_action_token, tokens.n_bins),
+                                bin_sigma=config.action_bin_sigma)
     trainable = [p for p in inner.parameters() if p.requires_grad]
     forward = objective
     if ctx.world > 1:
