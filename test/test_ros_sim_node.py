@@ -245,7 +245,9 @@ def test_ik_node_drives_the_simulated_tip_along_the_twist_and_halts_when_twists_
         expected = velocity * (stopped - started)
         # Along the command: about |v| * 1 s (+ up to the 0.1 s timeout, - the arm's lag).
         along = moved @ velocity / np.linalg.norm(velocity)
-        assert along == pytest.approx(np.linalg.norm(expected), rel=0.3)
+        # (A shortfall with many reseeds means the arm lagged its commands by more than the reseed threshold.)
+        assert along == pytest.approx(np.linalg.norm(expected), rel=0.3), \
+            f"moved {along:.3f} m along the twist; ik_node counters {ik.controller.counters}"
         sideways = moved - along * velocity / np.linalg.norm(velocity)
         assert np.linalg.norm(sideways) < 0.01
         # Halted: the twist timeout plus the arm settling, then no motion.
