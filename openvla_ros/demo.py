@@ -1009,7 +1009,7 @@ class RosEpisode:
     chunks: int
     latencies_ms: list[float]
     underrun_ticks: int
-    steady_underrun_ticks: int  # after the episode's first chunk
+    steady_underrun_ticks: int  # after the first chunk made with the episode's instruction
     real_time_factor: float
     tip_path: list
 
@@ -1042,12 +1042,16 @@ def ros_episode(bringup, monitor: GraphMonitor, seed: int, target: str, *, polic
     counts0, lat0 = monitor.snapshot()
     sim0 = int(sim.sim.counters["joint_commands"])
     ik0, under0 = _ik_steps(ik), _underruns(vla)
+    instructions0 = vla.controller.counters.instructions
     episode = sim.reset_episode(seed=seed, target=target)
     wall0 = clock()
     other = next(c for c in episode.cube_positions if c != target)
     guard = EPISODE_WALL_GUARD[0] * max_seconds + EPISODE_WALL_GUARD[1]
     success, time_to_success, reached_other = False, None, False
-    steady_under0 = None
+    # Steady state starts with the first chunk published after vla_node took this episode's
+    # instruction (which flushes its plan): a chunk made from a new frame with the previous
+    # episode's instruction can still arrive before it, and the underruns between the two are start-up.
+    steady_under0 = chunks_at_instruction = None
     path, next_path_t = [], 0.0
     min_dist = final_dist = math.inf
     snap = None
@@ -1063,7 +1067,10 @@ def ros_episode(bringup, monitor: GraphMonitor, seed: int, target: str, *, polic
                 next_path_t += DEFAULT_CONTROL_PERIOD_S
             if snap.success:
                 success, time_to_success = True, float(snap.episode_time)
-        if steady_under0 is None and monitor.snapshot()[0]["chunks"] > counts0["chunks"]:
+        if chunks_at_instruction is None and vla.controller.counters.instructions > instructions0:
+            chunks_at_instruction = monitor.snapshot()[0]["chunks"]
+        if steady_under0 is None and chunks_at_instruction is not None \
+                and monitor.snapshot()[0]["chunks"] > chunks_at_instruction:
             steady_under0 = _underruns(vla)
         done = success or (snap is not None and snap.episode_time >= max_seconds)
         if done or clock() - wall0 > guard:
