@@ -191,9 +191,14 @@ class DemoConfig:
             raise ValueError(f"random_start_probability must be in [0, 1], got {self.random_start_probability!r}")
         if not isinstance(self.record_workers, (int, np.integer)) or self.record_workers < 1:
             raise ValueError(f"record_workers must be an integer >= 1, got {self.record_workers!r}")
-        if not (isinstance(self.record_settle_s, (int, float)) and math.isfinite(self.record_settle_s)
-                and self.record_settle_s >= 0):
-            raise ValueError(f"record_settle_s must be a number >= 0 (s), got {self.record_settle_s!r}")
+        try:
+            settle_periods_for(self.record_settle_s, DEFAULT_CONTROL_PERIOD_S)
+        except ValueError as e:
+            raise ValueError(f"record_settle_s: {e}") from None
+        if isinstance(self.action_bin_sigma, bool) or not (isinstance(self.action_bin_sigma, (int, float))
+                                                            and math.isfinite(self.action_bin_sigma)
+                                                            and 0 <= self.action_bin_sigma <= 64):
+            raise ValueError(f"action_bin_sigma must be a number of bins in [0, 64], got {self.action_bin_sigma!r}")
         if not (math.isfinite(self.record_noise_m) and self.record_noise_m >= 0):
             raise ValueError(f"record_noise_m must be a number >= 0, got {self.record_noise_m!r}")
         if self.sim_latency_s is not None and not (math.isfinite(self.sim_latency_s) and self.sim_latency_s >= 0):
@@ -372,13 +377,12 @@ def record_episode(path: Path, seed: int, *, target: str | None = None, scene=No
     from openvla_ros.sim.rollout import panda_kinematics, posture_reaching, run_episode
     from openvla_ros.sim.scene import PandaScene, instruction_for, target_for_seed
 
+    expert = expert or ReachExpert()
+    dt = expert.control_period_s
+    settle_periods = settle_periods_for(settle_s, dt)  # before a scene is built
     own_scene = scene is None
     scene = scene or PandaScene(seed)
     kinematics = kinematics or panda_kinematics()
-    expert = expert or ReachExpert()
-    dt = expert.control_period_s
-    if not (isinstance(settle_s, (int, float)) and math.isfinite(settle_s) and settle_s >= 0):
-        raise ValueError(f"settle_s must be a number >= 0 (s), got {settle_s!r}")
     try:
         cubes = scene.reset(seed)
         start_tip = random_start_tip(seed, cubes, random_start_probability)
@@ -413,7 +417,7 @@ def record_episode(path: Path, seed: int, *, target: str | None = None, scene=No
 
             result = run_episode(scene, kinematics, noisy_expert, target,
                                  max_seconds=max_seconds, control_period_s=dt, on_period=on_period,
-                                 periods_after_success=int(round(settle_s / dt)))
+                                 periods_after_success=settle_periods)
         return {"bag": str(path), "seed": seed, "target": target, "instruction": instruction,
                 "start_tip": None if start_tip is None else start_tip.tolist(),
                 "success": bool(result.success), "frames": int(result.periods),
@@ -437,6 +441,28 @@ def _record_worker_init() -> None:
 
 def _episode_result_path(bag_path: str | Path) -> Path:
     return Path(f"{bag_path}.json")
+
+
+def settle_periods_for(settle_s, control_period_s: float) -> int:
+    """Control periods recorded after success for `settle_s` seconds (a whole number of periods)."""
+    if isinstance(settle_s, bool) or not (isinstance(settle_s, (int, float)) and math.isfinite(settle_s)
+                                          and settle_s >= 0):
+        raise ValueError(f"settle_s must be a number >= 0 (s), got {settle_s!r}")
+    periods = round(settle_s / control_period_s)
+    if not math.isclose(periods * control_period_s, settle_s, abs_tol=1e-9):
+        raise ValueError(f"settle_s {settle_s!r} s is not a whole number of {control_period_s!r} s control periods")
+    return int(periods)
+
+
+def recording_options(*, storage: str, max_seconds: float, noise_m: float, random_start_probability: float,
+                      settle_s: float) -> dict:
+    """The `record_episode` options of a recording; those added later are absent while off, so the
+    episodes of an older recording with the same settings are still found finished."""
+    options = {"storage": storage, "max_seconds": float(max_seconds), "action_noise_m": float(noise_m),
+               "random_start_probability": float(random_start_probability)}
+    if settle_s:
+        options["settle_s"] = float(settle_s)
+    return options
 
 
 def _finished_episode(path: str, seed: int, target: str | None, options: dict) -> dict | None:
@@ -508,9 +534,9 @@ def record_episodes(jobs: Sequence[tuple[str | Path, int, str | None]], options:
 def step_record(run_dir: Path, config: DemoConfig, progress: _Progress) -> dict:
     bag_dir = run_dir / "record" / "bags"
     bag_dir.mkdir(parents=True, exist_ok=True)
-    options = {"storage": config.storage, "max_seconds": config.episode_seconds,
-               "action_noise_m": config.record_noise_m, "random_start_probability": config.random_start_probability,
-               "settle_s": config.record_settle_s}
+    options = recording_options(storage=config.storage, max_seconds=config.episode_seconds,
+                                noise_m=config.record_noise_m, random_start_probability=config.random_start_probability,
+                                settle_s=config.record_settle_s)
     jobs = [(bag_dir / f"episode_{i:04d}", *record_scene(config, i)) for i in range(config.episodes)]
     bar = progress.bar(config.episodes, "record")
     try:

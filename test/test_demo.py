@@ -280,11 +280,20 @@ def test_settling_records_the_expert_stopping_at_the_goal(tmp_path):
     assert len(speeds) == settled["frames"]
     # The last labels (m/s) are much slower than the approach: the bag shows where to stop.
     assert speeds[-1] < 0.2 * max(speeds)
-    for bad in (-0.1, float("nan")):
+    for bad in (-0.1, float("nan"), True):
         with pytest.raises(ValueError, match="settle_s"):
             demo.record_episode(tmp_path / "bad", seed, settle_s=bad)
+    with pytest.raises(ValueError, match="not a whole number"):  # 0.1 s of a 0.2 s period is not rounded away
+        demo.record_episode(tmp_path / "bad", seed, settle_s=0.1)
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="record_settle_s"):
         DemoConfig(record_settle_s=-1.0).validated()
+    with pytest.raises(ValueError, match="action_bin_sigma"):
+        DemoConfig(action_bin_sigma=-1.0).validated()
+    # Recordings made before settling existed are still found finished while it is off.
+    common = dict(storage="sqlite3", max_seconds=8.0, noise_m=0.0, random_start_probability=0.0)
+    assert "settle_s" not in demo.recording_options(**common, settle_s=0.0)
+    assert demo.recording_options(**common, settle_s=0.6)["settle_s"] == 0.6
 
 
 def test_random_starts_are_seeded_inside_the_start_region_and_clear_of_the_cubes():

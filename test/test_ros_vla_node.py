@@ -273,3 +273,25 @@ def test_compressed_transport_decodes_png_frames(torch_engine, probe, start_vla)
     assert chunk is not None, "no chunk from compressed frames"
     np.testing.assert_allclose(chunk.points[0].positions, expected.actions[0], rtol=1e-12)
     probe.stop_stream("/camera/image_raw/compressed")
+
+
+def test_a_chunk_flushed_by_a_new_instruction_is_not_published_as_the_plan(torch_engine, probe, start_vla):
+    """A chunk accepted just before an instruction change waits for the next tick to be published;
+    by then the new instruction has flushed it from the plan, so /vla/action_chunk must not show it."""
+    from openvla_ros.engines.base import ActionChunk
+
+    node = start_vla(torch_engine)  # no camera: the only chunks are the ones handed to it here
+    assert probe.wait_for(TWIST) is not None
+
+    def chunk(stamp):
+        return ActionChunk(np.zeros((2, 7)), list(torch_engine.dim_names), 0.2, stamp=stamp)
+
+    with node._control_lock:  # as the worker and the instruction callback would, between two ticks
+        node._on_chunk(chunk(1.0), node.controller.buffer.epoch, True)
+        node.controller.set_instruction("reach the blue cube")
+    time.sleep(0.3)
+    assert probe.messages(CHUNK) == []
+    with node._control_lock:
+        node._on_chunk(chunk(2.0), node.controller.buffer.epoch, True)
+    published = probe.wait_for(CHUNK)
+    assert published is not None and stamp_to_seconds(published.header.stamp) == pytest.approx(2.0)

@@ -124,7 +124,8 @@ def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0,
     already recorded under `out` with the same settings are kept."""
     from tqdm import tqdm
 
-    from ..demo import record_episodes
+    from ..demo import record_episodes, recording_options, settle_periods_for
+    from ..vla.constants import DEFAULT_CONTROL_PERIOD_S
     from ..sim.rollout import DEFAULT_EPISODE_SECONDS
 
     if task not in TASKS:
@@ -133,10 +134,11 @@ def record_demos(*, task: str = "reach-cube", episodes: int, out, seed: int = 0,
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     if not (math.isfinite(noise_m) and noise_m >= 0):
         raise ValueError(f"--noise must be a number >= 0 (m), got {noise_m!r}")
+    settle_periods_for(settle_s, DEFAULT_CONTROL_PERIOD_S)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    options = {"storage": storage, "max_seconds": DEFAULT_EPISODE_SECONDS, "action_noise_m": float(noise_m),
-               "random_start_probability": float(random_start), "settle_s": float(settle_s)}
+    options = recording_options(storage=storage, max_seconds=DEFAULT_EPISODE_SECONDS, noise_m=noise_m,
+                                random_start_probability=random_start, settle_s=settle_s)
     with tqdm(total=episodes, desc="record-demos", unit="episode", disable=not progress) as bar:
         outcomes = record_episodes([(out / f"episode_{i:04d}", seed + i, None) for i in range(episodes)], options,
                                    workers=workers, bar=bar)

@@ -213,7 +213,7 @@ def _make_node_class():
 
         def _on_chunk(self, chunk, epoch, result):  # worker thread, after the buffer took or refused it
             if result and self.chunk_pub is not None:
-                self._chunks_to_publish.append(chunk)
+                self._chunks_to_publish.append((chunk, epoch))
 
         def _on_param(self, name, value):
             if name == "stale_image_timeout_s":
@@ -237,8 +237,11 @@ def _make_node_class():
             self.twist_pub.publish(msg)
             if out.gripper is not None:
                 self.gripper_pub.publish(self._float_cls(data=float(out.gripper)))
+            epoch = self.controller.buffer.epoch
             while self._chunks_to_publish:  # empty unless publish_action_chunk
-                self.chunk_pub.publish(self._chunk_message(self._chunks_to_publish.popleft()))
+                chunk, chunk_epoch = self._chunks_to_publish.popleft()
+                if chunk_epoch == epoch:  # a chunk a new instruction / stop flushed is not the plan any more
+                    self.chunk_pub.publish(self._chunk_message(chunk))
 
         def _chunk_message(self, chunk):
             traj = self._trajectory_cls()

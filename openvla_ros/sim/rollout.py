@@ -109,7 +109,8 @@ def run_episode(
         raise ValueError(f"kinematics joints {kinematics.joint_names} differ from the scene's {scene.joint_names}")
     if not (math.isfinite(ik_rate_hz) and ik_rate_hz > 0):
         raise ValueError(f"ik_rate_hz must be positive, got {ik_rate_hz!r}")
-    if not isinstance(periods_after_success, (int, np.integer)) or periods_after_success < 0:
+    if isinstance(periods_after_success, bool) or not isinstance(periods_after_success, (int, np.integer)) \
+            or periods_after_success < 0:
         raise ValueError(f"periods_after_success must be an integer >= 0, got {periods_after_success!r}")
     ik_dt = 1.0 / ik_rate_hz
     physics_per_ik = _steps_per(ik_dt, scene.physics_dt, "IK period vs physics step")

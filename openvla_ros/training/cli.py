@@ -73,7 +73,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--no-augment", action="store_true", help="no random crop / colour jitter")
     train.add_argument("--bin-sigma", type=float, default=DEFAULTS.action_bin_sigma, metavar="BINS",
                        help="train each action token towards a Gaussian over neighbouring bins with this std "
-                            "(in bins; 0 = one-hot cross-entropy); the checkpoint format is unchanged")
+                            "(in bins; default 0 = one-hot cross-entropy, the reference's; the demo uses 3); the "
+                            "checkpoint format is unchanged; the logged loss then includes the targets' own entropy")
     train.add_argument("--ema-decay", type=float, default=DEFAULTS.ema_decay, metavar="D",
                        help="export an exponential moving average of the weights (e.g. 0.999; 0: the last step's)")
     train.add_argument("--shift-px", type=int, default=DEFAULTS.augment_shift_px, metavar="PX",

@@ -661,8 +661,14 @@ def can_resume(config: TrainConfig) -> bool | None:
     return state.get("resume_key") == _resume_key(config)
 
 
+# Options added after runs were already being resumed: absent from the key while off, so such a run
+# still resumes.
+_KEYED_ONLY_WHEN_ON = ("ema_decay", "action_bin_sigma")
+
+
 def _resume_key(config: TrainConfig) -> dict:
-    key = {k: v for k, v in config.to_json().items() if k not in RESUMABLE_CHANGES}
+    key = {k: v for k, v in config.to_json().items()
+           if k not in RESUMABLE_CHANGES and not (k in _KEYED_ONLY_WHEN_ON and not v)}
     if config.lr_schedule == "cosine":
         key["steps"] = config.steps  # the cosine curve ends at `steps`: another count is another run
     return key
@@ -735,8 +741,10 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     if config.resume and state_path.exists():
         resume_state = torch.load(state_path, map_location="cpu", weights_only=False)
         if resume_state["resume_key"] != _resume_key(config):
-            raise ValueError(f"{state_path} belongs to a run with a different configuration; use a new out_dir "
-                             f"or resume=False")
+            old, new = resume_state["resume_key"], _resume_key(config)
+            changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+            raise ValueError(f"{state_path} belongs to a run with a different configuration ({changed}, "
+                             f"saved vs now); use a new out_dir or resume=False")
 
     # Data and statistics (of the training episodes).
     datasets = prepare_data(config, ctx, Path(config.cache_dir) if config.cache_dir else out_dir / "cache")
