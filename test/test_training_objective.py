@@ -42,11 +42,23 @@ def test_near_miss_costs_less_than_a_far_miss_only_with_gaussian_targets():
     assert smoothed[0] < smoothed[1] - 1.0
 
 
+def test_saturated_end_ids_stay_one_hot():
+    """The first and last action ids (clipped values, binary gripper, constant dimensions) are not smoothed."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, VOCAB)
+    ends = torch.tensor([FIRST, FIRST + N_IDS - 1, FIRST + 1])
+    smoothed = action_token_loss(logits, ends, (FIRST, N_IDS), 3.0)
+    log_probs = F.log_softmax(logits, dim=-1)
+    inner = gaussian_bin_targets(ends[2:], FIRST, N_IDS, 3.0)
+    expected = -log_probs[0, FIRST] - log_probs[1, FIRST + N_IDS - 1] - (inner * log_probs[2:, FIRST:]).sum()
+    torch.testing.assert_close(smoothed, expected)
+
+
 def test_sigma_zero_is_plain_cross_entropy_and_non_action_labels_stay_one_hot():
     torch.manual_seed(0)
     logits = torch.randn(5, VOCAB)
     eos = 2
-    ids = torch.tensor([FIRST + 10, FIRST + 250, eos, FIRST + 3, eos])
+    ids = torch.tensor([FIRST + 10, FIRST + 250, eos, FIRST + 3, eos])  # none at an end id
     torch.testing.assert_close(action_token_loss(logits, ids), F.cross_entropy(logits, ids, reduction="sum"))
     smoothed = action_token_loss(logits, ids, (FIRST, N_IDS), 2.0)
     log_probs = F.log_softmax(logits, dim=-1)
