@@ -287,6 +287,8 @@ def cmd_demo(args) -> int:
             overrides["episodes"] = args.episodes
         if args.steps is not None:
             overrides["steps"] = args.steps
+        if args.dagger_episodes is not None:
+            overrides["dagger_episodes"] = args.dagger_episodes
         out = args.out if args.out != str(DEMO_DIR) else str(DEMO_DIR / "loop")
         summary = run_demo(out, redo=args.redo or (), resume=not args.no_resume, **overrides)
         print(json.dumps({k: summary.get(k) for k in ("closed_loop_success_rate", "run_dir") if k in summary}))
@@ -456,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the whole workflow in simulation: record, fine-tune, evaluate, closed loop (minutes)")
     p.add_argument("--episodes", type=int, default=None, help="--loop: demonstrations to record")
     p.add_argument("--steps", type=int, default=None, help="--loop: training steps")
+    p.add_argument("--dagger-episodes", type=int, default=None,
+                   help="--loop: rollouts of the trained model labelled by the expert for a DAgger round (0: none)")
     p.add_argument("--redo", nargs="+", default=None, help="--loop: steps to run again even when finished")
     p.add_argument("--no-resume", action="store_true", help="--loop: redo every step")
     p.set_defaults(func=cmd_demo)

@@ -12,6 +12,11 @@ its own folder of one run directory:
    same topics come from ``ros2 bag record`` (or this package's recorder node) and train the same.
 2. ``model/``: a tiny OpenVLA-format model trained from scratch on the training bags by the
    training module (the folder is a checkpoint `TorchEngine` loads).
+   ``dagger/`` (only with ``dagger_episodes`` > 0): a DAgger round. The trained model drives new
+   seeded episodes in process (as in step 4), each visited state recorded in a bag with the
+   scripted expert's action as the label, and training goes on from the model on the
+   demonstrations plus these rollouts (the model's action statistics kept); the later steps then
+   evaluate that model.
 3. ``open_loop/``: the evaluation module on the held-out bags, with red/blue instruction
    sensitivity.
 4. ``closed_loop/``: new seeded episodes, in process (the baselines). The model runs on rendered frames and its chunks go
@@ -56,7 +61,7 @@ from openvla_ros.eval.report import json_ready, new_figure
 
 log = logging.getLogger(__name__)
 
-STEPS = ("record", "train", "open_loop", "closed_loop", "deploy_ros", "report")
+STEPS = ("record", "train", "dagger", "open_loop", "closed_loop", "deploy_ros", "report")
 DONE_FILE = "done.json"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -75,6 +80,7 @@ BASE_FRAME = "panda_link0"
 EPISODE_T0_S = 1.0
 # Seeds of closed-loop episodes start here, far from the recorded ones (new scenes).
 EVAL_SEED_OFFSET = 100_000
+DAGGER_SEED_OFFSET = 200_000  # the DAgger rollouts' scenes: neither recorded nor evaluated ones
 
 # Closed-loop policies (keys of the summary's "policies").
 POLICY_MODEL = "model"
@@ -146,6 +152,13 @@ class DemoConfig:
     # demonstrations then end at the goal instead of on the frame the tip enters the success radius.
     # Off: with 1.0 s the model learnt to stop, but short of the cube (closed loop 0.10 vs 0.60).
     record_settle_s: float = 0.0
+    # DAgger: after training, the model drives this many new seeded episodes (in process, as in
+    # step closed_loop), every visited state labelled with the expert's action, and training goes on
+    # from the model for `dagger_steps` on the demonstrations plus these rollouts at `dagger_lr`
+    # (0 episodes: off).
+    dagger_episodes: int = 0
+    dagger_steps: int = 2000
+    dagger_lr: float = 5e-4
     record_workers: int = 2  # processes recording episodes in parallel (the bags do not depend on it)
     episode_seconds: float = 8.0
     control_rate_hz: float = 100.0  # chunk buffer sampling + IK rate in the closed loop
@@ -183,7 +196,11 @@ class DemoConfig:
                              f"got {self.train_processes!r}")
         if not isinstance(self.held_out, (int, np.integer)) or not 1 <= self.held_out < self.episodes:
             raise ValueError(f"held_out must be in [1, episodes - 1] = [1, {self.episodes - 1}], got {self.held_out!r}")
-        for name in ("lr", "episode_seconds", "control_rate_hz", "replan_period_s"):
+        if not isinstance(self.dagger_episodes, (int, np.integer)) or self.dagger_episodes < 0:
+            raise ValueError(f"dagger_episodes must be an integer >= 0, got {self.dagger_episodes!r}")
+        if not isinstance(self.dagger_steps, (int, np.integer)) or self.dagger_steps < 1:
+            raise ValueError(f"dagger_steps must be an integer >= 1, got {self.dagger_steps!r}")
+        for name in ("lr", "dagger_lr", "episode_seconds", "control_rate_hz", "replan_period_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -240,15 +257,19 @@ def step_inputs(config: DemoConfig) -> dict[str, dict]:
              **{k: c[k] for k in ("steps", "batch_size", "train_processes", "lr", "warmup_steps", "lr_schedule", "chunk", "hidden", "layers", "heads",
                                   "vision", "augment", "val_fraction", "seed")},
              **{k: c[k] for k in ("augment_shift_px", "ema_decay", "action_bin_sigma") if c[k]}}
-    open_loop = {"train": train, "sensitivity_frames": c["sensitivity_frames"]}
-    closed = {"train": train, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "control_rate_hz",
-                                                    "replan_period_s", "sim_latency_s", "policies")},
+    rollout = {k: c[k] for k in ("episode_seconds", "control_rate_hz", "replan_period_s", "sim_latency_s", "blend_policy")}
+    dagger = {"train": train, "rollout": rollout, **{k: c[k] for k in ("dagger_episodes", "dagger_steps", "dagger_lr")}}
+    # The steps after training evaluate the model it ends with (without the "train" key of old runs when DAgger is off).
+    model = {"train": train} if not c["dagger_episodes"] else {"train": train, "dagger": dagger}
+    open_loop = {**model, "sensitivity_frames": c["sensitivity_frames"]}
+    closed = {**model, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "control_rate_hz",
+                                             "replan_period_s", "sim_latency_s", "policies")},
               **({"blend_policy": c["blend_policy"]} if c["blend_policy"] != "replace" else {})}
-    deploy = {"train": train, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "ros_policies")},
+    deploy = {**model, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "ros_policies")},
               "bringup_file": str(c["bringup_file"] or DEFAULT_BRINGUP_FILE)}
     report = {"open_loop": open_loop, "closed_loop": closed, "deploy_ros": deploy}
-    return {"record": record, "train": train, "open_loop": open_loop, "closed_loop": closed, "deploy_ros": deploy,
-            "report": report}
+    return {"record": record, "train": train, "dagger": dagger, "open_loop": open_loop, "closed_loop": closed,
+            "deploy_ros": deploy, "report": report}
 
 
 def _done_path(run_dir: Path, step: str) -> Path:
@@ -320,6 +341,10 @@ def record_scene(config: DemoConfig, index: int) -> tuple[int, str | None]:
 
 def eval_seed(config: DemoConfig, index: int) -> int:
     return EVAL_SEED_OFFSET + config.seed * 1_000_003 + index
+
+
+def dagger_seed(config: DemoConfig, index: int) -> int:
+    return DAGGER_SEED_OFFSET + config.seed * 1_000_003 + index
 
 
 def _outcome_rates(eps) -> dict:
@@ -397,15 +422,8 @@ def record_episode(path: Path, seed: int, *, target: str | None = None, scene=No
             bag.write_string(TOPIC_INSTRUCTION, EPISODE_T0_S - 0.01, instruction)
 
             def on_period(sc, executed):
-                action = expert.act(sc, target)  # the label: the clean action for this state
-                t = EPISODE_T0_S + sc.time
-                bag.write_image(TOPIC_IMAGE, t, sc.render())
-                bag.write_twist(TOPIC_TWIST, t, action[:3] / dt, action[3:6] / dt, frame_id=BASE_FRAME)
-                bag.write_float64(TOPIC_GRIPPER, t, float(action[6]))
-                position, quat = sc.tip_pose()
-                bag.write_pose(TOPIC_TIP_POSE, t, position, quat, frame_id=BASE_FRAME)
-                names, q, qd = sc.joint_state()
-                bag.write_joint_state(TOPIC_JOINT_STATES, t, names, q, qd)
+                # The label: the clean action for this state.
+                write_labelled_frame(bag, sc, sc.render(), expert.act(sc, target), dt)
 
             noise = np.random.default_rng([int(seed), 2])
 
@@ -427,7 +445,72 @@ def record_episode(path: Path, seed: int, *, target: str | None = None, scene=No
             scene.close()
 
 
-# One scene per recording process, built once by `_record_worker_init` (a scene costs ~0.3 s).
+def write_labelled_frame(bag, scene, image: np.ndarray, action: np.ndarray, dt: float) -> None:
+    """One control period of a recording: the frame, the labelled action (as the twist ik_node
+    integrates plus the gripper command), and the state it was taken in (tip pose, joint states)."""
+    t = EPISODE_T0_S + scene.time
+    bag.write_image(TOPIC_IMAGE, t, image)
+    bag.write_twist(TOPIC_TWIST, t, action[:3] / dt, action[3:6] / dt, frame_id=BASE_FRAME)
+    bag.write_float64(TOPIC_GRIPPER, t, float(action[6]))
+    position, quat = scene.tip_pose()
+    bag.write_pose(TOPIC_TIP_POSE, t, position, quat, frame_id=BASE_FRAME)
+    names, q, qd = scene.joint_state()
+    bag.write_joint_state(TOPIC_JOINT_STATES, t, names, q, qd)
+
+
+def record_rollout(path: Path, seed: int, *, checkpoint: str, center_crop: bool, model_id: str = "",
+                   target: str | None = None, storage: str = "sqlite3", max_seconds: float = 8.0,
+                   control_rate_hz: float = 100.0, replan_period_s: float = DEFAULT_CONTROL_PERIOD_S,
+                   sim_latency_s: float | None = None, blend_policy: str = "replace",
+                   scene=None, kinematics=None, expert=None, engine=None) -> dict:
+    """One closed-loop episode of a trained model, recorded as a demonstration bag labelled by the expert.
+
+    The model drives (the in-process closed loop of step 4: chunk buffer, diff-IK, simulated
+    latency); at the start of every control period the bag gets the frame and the scripted
+    expert's action for the state the model has brought the arm into (DAgger: the labels say how
+    to recover from the model's own mistakes, in the states it actually visits, which expert
+    demonstrations never reach). `model_id` names the model in the episode's outcome (resuming
+    a recording checks it); `engine` (else loaded from `checkpoint`) and the scene are reused by
+    the recording workers.
+    """
+    from openvla_ros.eval.bag_writer import BagWriter
+    from openvla_ros.sim.expert import ReachExpert
+    from openvla_ros.sim.rollout import panda_kinematics
+    from openvla_ros.sim.scene import instruction_for, target_for_seed
+
+    expert = expert or ReachExpert()
+    dt = expert.control_period_s
+    engine = engine or make_engine(checkpoint, center_crop)
+    own_scene = scene is None
+    scene = scene or closed_loop_scene(seed, control_rate_hz)
+    kinematics = kinematics or panda_kinematics()
+    try:
+        scene.reset(seed)
+        target = target_for_seed(seed) if target is None else target
+        instruction = instruction_for(target)
+        if path.exists():  # a half-written bag of an interrupted run
+            shutil.rmtree(path)
+        frames = []
+
+        def on_check_period(sc, frame):
+            write_labelled_frame(bag, sc, frame, expert.act(sc, target), dt)
+            frames.append(sc.time)
+
+        with BagWriter(path, storage=storage) as bag:
+            bag.write_string(TOPIC_INSTRUCTION, EPISODE_T0_S - 0.01, instruction)
+            episode = closed_loop_episode(
+                scene, kinematics, EngineSource(engine), target, instruction, seed=seed, max_seconds=max_seconds,
+                control_rate_hz=control_rate_hz, replan_period_s=replan_period_s, sim_latency_s=sim_latency_s,
+                check_period_s=dt, blend_policy=blend_policy, on_check_period=on_check_period)
+        return {"bag": str(path), "seed": seed, "target": target, "instruction": instruction, "model_id": model_id,
+                "start_tip": None, "success": bool(episode.success), "frames": len(frames),
+                "final_distance_m": float(episode.final_distance_m), "min_distance_m": float(episode.min_distance_m)}
+    finally:
+        if own_scene:
+            scene.close()
+
+
+# What the recording processes keep between episodes (a scene costs ~0.3 s, a model more).
 _RECORD_WORKER: dict = {}
 
 
@@ -436,7 +519,30 @@ def _record_worker_init() -> None:
     from openvla_ros.sim.rollout import panda_kinematics
     from openvla_ros.sim.scene import PandaScene
 
-    _RECORD_WORKER.update(scene=PandaScene(0), kinematics=panda_kinematics(), expert=ReachExpert())
+    _RECORD_WORKER.update(scene=PandaScene(0), kinematics=panda_kinematics(), expert=ReachExpert(),
+                          rollout_scenes={}, engines={})
+
+
+def _worker_rollout(path: str, seed: int, target: str | None, options: dict) -> dict:
+    """`record_rollout` with this process's kinematics, expert, and a cached scene and engine."""
+    w = _RECORD_WORKER
+    rate = float(options.get("control_rate_hz", 100.0))
+    if rate not in w["rollout_scenes"]:
+        w["rollout_scenes"][rate] = closed_loop_scene(0, rate)
+    key = (options["checkpoint"], bool(options["center_crop"]), options.get("model_id", ""))
+    if key not in w["engines"]:
+        import multiprocessing
+
+        import torch
+
+        if multiprocessing.parent_process() is not None:
+            # One thread per recording process (they are one per core): several processes with a
+            # spinning intra-op pool each were ~10x slower on 2 cores.
+            torch.set_num_threads(1)
+        w["engines"].clear()  # one model at a time
+        w["engines"][key] = make_engine(options["checkpoint"], options["center_crop"])
+    return record_rollout(Path(path), seed, target=target, scene=w["rollout_scenes"][rate], kinematics=w["kinematics"],
+                          expert=w["expert"], engine=w["engines"][key], **options)
 
 
 def _episode_result_path(bag_path: str | Path) -> Path:
@@ -476,12 +582,15 @@ def _finished_episode(path: str, seed: int, target: str | None, options: dict) -
     return done["result"]
 
 
-def _record_worker_episode(path: str, seed: int, target: str | None, options: dict) -> dict:
+def _record_worker_episode(path: str, seed: int, target: str | None, options: dict, rollout: bool = False) -> dict:
     if not _RECORD_WORKER:
         _record_worker_init()
     _episode_result_path(path).unlink(missing_ok=True)
-    result = record_episode(Path(path), seed, target=target, scene=_RECORD_WORKER["scene"],
-                            kinematics=_RECORD_WORKER["kinematics"], expert=_RECORD_WORKER["expert"], **options)
+    if rollout:
+        result = _worker_rollout(path, seed, target, options)
+    else:
+        result = record_episode(Path(path), seed, target=target, scene=_RECORD_WORKER["scene"],
+                                kinematics=_RECORD_WORKER["kinematics"], expert=_RECORD_WORKER["expert"], **options)
     # Written after the bag is closed: an interrupted recording resumes at the first unfinished episode.
     _episode_result_path(path).write_text(json.dumps({"seed": seed, "target": target, "options": options,
                                                       "result": result}))
@@ -489,8 +598,9 @@ def _record_worker_episode(path: str, seed: int, target: str | None, options: di
 
 
 def record_episodes(jobs: Sequence[tuple[str | Path, int, str | None]], options: dict, *, workers: int = 1,
-                    bar=None) -> list[dict]:
-    """Expert demonstrations: one bag per (path, seed, target) job, by `record_episode(**options)`.
+                    bar=None, rollouts: bool = False) -> list[dict]:
+    """Expert demonstrations: one bag per (path, seed, target) job, by `record_episode(**options)`
+    (with `rollouts`: a trained model's episodes labelled by the expert, `record_rollout(**options)`).
 
     A None target is the seed's own (`target_for_seed`).
     Episodes are independent and seeded (the scene is rebuilt on every reset), so the bags are the
@@ -510,7 +620,7 @@ def record_episodes(jobs: Sequence[tuple[str | Path, int, str | None]], options:
     try:
         if workers <= 1:
             for i in todo:
-                episodes[i] = _record_worker_episode(*jobs[i], options)
+                episodes[i] = _record_worker_episode(*jobs[i], options, rollouts)
                 if bar is not None:
                     bar.update(1)
         else:
@@ -519,14 +629,15 @@ def record_episodes(jobs: Sequence[tuple[str | Path, int, str | None]], options:
 
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_record_worker_init) as pool:
-                futures = {pool.submit(_record_worker_episode, *jobs[i], options): i for i in todo}
+                futures = {pool.submit(_record_worker_episode, *jobs[i], options, rollouts): i for i in todo}
                 for future in as_completed(futures):
                     episodes[futures[future]] = future.result()
                     if bar is not None:
                         bar.update(1)
     finally:
         if _RECORD_WORKER:
-            _RECORD_WORKER.pop("scene").close()
+            for scene in [_RECORD_WORKER["scene"], *_RECORD_WORKER["rollout_scenes"].values()]:
+                scene.close()
             _RECORD_WORKER.clear()
     return episodes
 
@@ -583,9 +694,12 @@ def train_config(run_dir: Path, config: DemoConfig, train_bags: Sequence[str], p
 
 
 def step_train(run_dir: Path, config: DemoConfig, record: dict, progress: _Progress, redo: bool) -> dict:
+    return _train(train_config(run_dir, config, split_bags(record, config)[0], progress.enabled), config, redo)
+
+
+def _train(cfg, config: DemoConfig, redo: bool) -> dict:
     from openvla_ros.training.trainer import can_resume, run_training_local_processes
 
-    cfg = train_config(run_dir, config, split_bags(record, config)[0], progress.enabled)
     # The trainer resumes an interrupted run of the same settings; a forced redo or changed
     # settings (this step runs again because its inputs changed) start from scratch.
     if Path(cfg.out_dir).exists() and (redo or can_resume(cfg) is False):
@@ -595,6 +709,41 @@ def step_train(run_dir: Path, config: DemoConfig, record: dict, progress: _Progr
     return {"checkpoint": str(result.checkpoint_dir), "steps": result.steps, "final_loss": result.final_loss,
             "metrics": result.metrics, "log": str(result.log_path), "center_crop": config.augment,
             "loss_first": rows[0]["loss"] if rows else None}
+
+
+def step_dagger(run_dir: Path, config: DemoConfig, record: dict, train: dict, progress: _Progress,
+                redo: bool) -> dict:
+    """DAgger round: the trained model's own episodes, labelled by the expert, then more training.
+
+    The rollouts run as step closed_loop's model does (see `record_rollout`) on new seeds; training
+    continues from the trained checkpoint on the training demonstrations plus the rollouts. The
+    result has step train's keys (the model the later steps evaluate) and the rollouts' figures.
+    """
+    bag_dir = run_dir / "dagger" / "bags"
+    bag_dir.mkdir(parents=True, exist_ok=True)
+    options = {"checkpoint": str(train["checkpoint"]), "center_crop": bool(train["center_crop"]),
+               "model_id": _hash(step_inputs(config)["train"]), "storage": config.storage,
+               "max_seconds": float(config.episode_seconds), "control_rate_hz": float(config.control_rate_hz),
+               "replan_period_s": float(config.replan_period_s), "sim_latency_s": config.sim_latency_s,
+               "blend_policy": config.blend_policy}
+    jobs = [(bag_dir / f"rollout_{i:04d}", dagger_seed(config, i), None) for i in range(config.dagger_episodes)]
+    bar = progress.bar(config.dagger_episodes, "dagger rollouts")
+    try:
+        rollouts = record_episodes(jobs, options, workers=config.record_workers, bar=bar, rollouts=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    success = float(np.mean([e["success"] for e in rollouts]))
+    progress.say(f"dagger: the model reached its cube in {success:.2f} of {len(rollouts)} rollouts; "
+                 f"training on them with the demonstrations")
+    bags = split_bags(record, config)[0] + [e["bag"] for e in rollouts]
+    cfg = replace(train_config(run_dir, config, bags, progress.enabled), out_dir=str(run_dir / "dagger" / "model"),
+                  from_scratch=False, base_checkpoint=str(train["checkpoint"]), keep_base_statistics=True,
+                  steps=config.dagger_steps,
+                  lr=config.dagger_lr, warmup_steps=min(config.warmup_steps, config.dagger_steps // 10),
+                  eval_every=max(config.dagger_steps // 5, 1), save_every=max(config.dagger_steps // 10, 1))
+    return {**_train(cfg, config, redo), "rollout_success_rate": success,
+            "rollout_frames": int(sum(e["frames"] for e in rollouts)), "rollout_episodes": len(rollouts)}
 
 
 def _read_train_log(path) -> list[dict]:
@@ -738,13 +887,16 @@ def closed_loop_episode(scene, kinematics, source: _ChunkSource, target: str, in
                         policy: str = "", seed: int = 0, max_seconds: float = 8.0, control_rate_hz: float = 100.0,
                         replan_period_s: float = DEFAULT_CONTROL_PERIOD_S, sim_latency_s: float | None = None,
                         check_period_s: float = DEFAULT_CONTROL_PERIOD_S, blend_policy: str = "replace",
-                        clock: Callable[[], float] = time.perf_counter) -> ClosedLoopEpisode:
+                        clock: Callable[[], float] = time.perf_counter,
+                        on_check_period: Callable[[object, np.ndarray], None] | None = None) -> ClosedLoopEpisode:
     """Run `source` from the scene's current state in simulated time (see the module docstring).
 
     Every tick of 1/control_rate_hz: deliver a chunk whose latency has elapsed to the buffer, ask
     the source for a new chunk when a replan is due and none is in flight, sample the buffer over
     the tick, integrate the twist with the IK and step the physics. Success (as in `run_episode`)
-    is checked at every `check_period_s` boundary.
+    is checked at every `check_period_s` boundary. `on_check_period(scene, frame)` is called at the
+    start of every check period with the frame rendered there (which a replan due on the same tick
+    reuses), e.g. to record the states the policy visits.
     """
     from collections import Counter
 
@@ -777,12 +929,16 @@ def closed_loop_episode(scene, kinematics, source: _ChunkSource, target: str, in
     tick = 0
     for tick in range(1, n_ticks + 1):
         t = now[0] = (tick - 1) * period
+        frame = None
+        if on_check_period is not None and (tick - 1) % check_every == 0:
+            frame = scene.render()
+            on_check_period(scene, frame)
         if pending is not None and pending[0] <= t + 1e-9:
             buffer.push(pending[1], epoch)
             first_arrival = t if first_arrival is None else first_arrival
             pending = None
         if pending is None and t >= next_request - 1e-9:
-            image = scene.render() if source.needs_image else None
+            image = (scene.render() if frame is None else frame) if source.needs_image else None
             start = clock()
             chunk = source(scene, image, instruction, t)
             elapsed = clock() - start
@@ -888,7 +1044,7 @@ def step_closed_loop(run_dir: Path, config: DemoConfig, train: dict, progress: _
         }
     (out / "episodes.json").write_text(json.dumps(json_ready(
         {p: [e.brief() for e in eps] for p, eps in episodes.items()}), indent=1) + "\n")
-    return {"dir": str(out), "mode": "in_process", "policies": policies, "wall_s": wall,
+    return {"dir": str(out), "mode": "in_process", "checkpoint": str(train["checkpoint"]), "policies": policies, "wall_s": wall,
             "control_rate_hz": config.control_rate_hz, "episodes_file": str(out / "episodes.json")}
 
 
@@ -1203,7 +1359,8 @@ def step_deploy_ros(run_dir: Path, config: DemoConfig, train: dict, progress: _P
         }
     (out / "episodes.json").write_text(json.dumps(json_ready(
         {p: [e.brief() for e in eps] for p, eps in episodes.items()}), indent=1) + "\n")
-    return {"dir": str(out), "mode": "ros", "bringup_file": str(bringup_file), "center_crop": center_crop,
+    return {"dir": str(out), "mode": "ros", "checkpoint": str(train["checkpoint"]), "bringup_file": str(bringup_file),
+            "center_crop": center_crop,
             "ros_env": env, "graph_ready_s": ready_s, "policies": policies, "wall_s": wall,
             "ik_node_counters": ik_status["counters"], "vla_node_worker": vla_status["worker"],
             "episodes_file": str(out / "episodes.json")}
@@ -1214,8 +1371,9 @@ def step_deploy_ros(run_dir: Path, config: DemoConfig, train: dict, progress: _P
 
 
 def build_summary(config: DemoConfig, record: dict, train: dict, open_loop: dict, closed: dict,
-                  timings: dict, deploy: dict | None = None) -> dict:
-    """The run's results; `deploy` (step deploy_ros) is None with the in-process backend."""
+                  timings: dict, deploy: dict | None = None, dagger: dict | None = None) -> dict:
+    """The run's results; `deploy` (step deploy_ros) is None with the in-process backend, `dagger`
+    (step dagger) None when it is off."""
     train_bags, held_out_bags = split_bags(record, config)
     pol = closed["policies"]
 
@@ -1267,6 +1425,8 @@ def build_summary(config: DemoConfig, record: dict, train: dict, open_loop: dict
                                                 "ik_node_counters")} if deploy is not None else None),
         "open_loop": {k: open_loop[k] for k in ("frames", "l2_mean", "nrmse", "sensitivity_l2_mean")},
         "training": {k: train[k] for k in ("steps", "final_loss", "metrics", "checkpoint")},
+        "dagger": ({k: dagger[k] for k in ("rollout_episodes", "rollout_frames", "rollout_success_rate", "steps",
+                                           "final_loss", "metrics", "checkpoint")} if dagger else None),
         "recorded": {"episodes": len(record["episodes"]), "frames": record["frames"],
                      "train_episodes": len(train_bags), "held_out_episodes": len(held_out_bags),
                      "expert_success_rate": record["expert_success_rate"]},
@@ -1293,16 +1453,24 @@ def plot_success(summary: dict, path: Path) -> Path:
     return path
 
 
-def plot_training(log_path: str | Path, path: Path) -> Path | None:
+def plot_training(log_path: str | Path, path: Path, dagger_log_path: str | Path | None = None) -> Path | None:
+    """Loss curves of the training log, and of the DAgger continuation after it (steps counted on)."""
     rows = _read_train_log(log_path)
     if not rows:
         return None
     fig = new_figure(6, 3)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
-    val = [r for r in rows if r.get("val_loss") is not None]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss")
+    parts = [("", rows, 0)]
+    if dagger_log_path is not None:
+        more = _read_train_log(dagger_log_path)
+        if more:
+            parts.append((" (DAgger)", more, rows[-1]["step"]))
+            ax.axvline(rows[-1]["step"], color="gray", lw=0.8, ls=":")
+    for label, part, offset in parts:
+        ax.plot([r["step"] + offset for r in part], [r["loss"] for r in part], label=f"train loss{label}")
+        val = [r for r in part if r.get("val_loss") is not None]
+        if val:
+            ax.plot([r["step"] + offset for r in val], [r["val_loss"] for r in val], "o-", label=f"val loss{label}")
     ax.set_xlabel("step")
     ax.set_ylabel("token cross-entropy")
     ax.legend()
@@ -1341,11 +1509,13 @@ def plot_paths(episodes_file: str | Path, path: Path, n: int = 6) -> Path | None
     return path
 
 
-def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, closed: dict) -> Path:
+def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, closed: dict,
+                 dagger: dict | None = None) -> Path:
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = {"success": plot_success(summary, plots_dir / "closed_loop_success.png"),
-             "training": plot_training(train["log"], plots_dir / "training_loss.png"),
+             "training": plot_training(train["log"], plots_dir / "training_loss.png",
+                                       dagger["log"] if dagger else None),
              "paths": plot_paths(closed["episodes_file"], plots_dir / "tip_paths.png")}
 
     def fmt(v, digits=3):
@@ -1404,6 +1574,10 @@ def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, clo
         lines += ["Tip paths seen from above (solid: instructed target; dashed: swapped instruction):", "",
                   f"![paths]({plots['paths'].relative_to(run_dir)})", ""]
     lines += ["## Training", ""]
+    if dagger:
+        lines += [f"DAgger: the trained model drove {dagger['rollout_episodes']} new episodes (reached its cube in "
+                  f"{fmt(dagger['rollout_success_rate'], 2)}); their {dagger['rollout_frames']} frames, labelled by "
+                  f"the expert, joined the demonstrations for {dagger['steps']} more steps.", ""]
     if plots["training"]:
         lines += [f"![loss]({plots['training'].relative_to(run_dir)})", ""]
     lines += ["## Open loop (held-out bags)", "",
@@ -1465,32 +1639,40 @@ def run_demo(out_dir: str | Path = DEFAULT_RUN_DIR, *, config: DemoConfig | None
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     try:
-        return _run_steps(run_dir, config, prog, run_step, timings, redo_train="train" in forced)
+        return _run_steps(run_dir, config, prog, run_step, timings, redo_train="train" in forced,
+                          redo_dagger="dagger" in forced)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_steps(run_dir: Path, config: DemoConfig, prog: _Progress, run_step, timings: dict, redo_train: bool) -> dict:
+def _run_steps(run_dir: Path, config: DemoConfig, prog: _Progress, run_step, timings: dict, redo_train: bool,
+               redo_dagger: bool) -> dict:
     record = run_step("record", lambda: step_record(run_dir, config, prog))
     prog.say(f"recorded {len(record['episodes'])} episodes, {record['frames']} frames, expert success "
              f"{record['expert_success_rate']:.2f}")
     train = run_step("train", lambda: step_train(run_dir, config, record, prog, redo_train))
-    open_loop = run_step("open_loop", lambda: step_open_loop(run_dir, config, record, train, prog))
+    dagger = None
+    if config.dagger_episodes:
+        dagger = run_step("dagger", lambda: step_dagger(run_dir, config, record, train, prog, redo_dagger))
+        prog.say(f"dagger: {dagger['rollout_episodes']} rollouts ({dagger['rollout_frames']} frames, model success "
+                 f"{dagger['rollout_success_rate']:.2f}), {dagger['steps']} more training steps")
+    model = dagger or train  # what the later steps evaluate
+    open_loop = run_step("open_loop", lambda: step_open_loop(run_dir, config, record, model, prog))
     prog.say(f"open loop: L2 {open_loop['l2_mean']:.4f}, instruction sensitivity {open_loop['sensitivity_l2_mean']:.4f}")
-    closed = run_step("closed_loop", lambda: step_closed_loop(run_dir, config, train, prog, prog.clock))
+    closed = run_step("closed_loop", lambda: step_closed_loop(run_dir, config, model, prog, prog.clock))
     rates = ", ".join(f"{k} {v['success_rate']:.2f}" for k, v in closed["policies"].items())
     prog.say(f"closed loop success (in process): {rates}")
     deploy = None
     if config.closed_loop_backend == BACKEND_ROS:
-        deploy = run_step("deploy_ros", lambda: step_deploy_ros(run_dir, config, train, prog, prog.clock))
+        deploy = run_step("deploy_ros", lambda: step_deploy_ros(run_dir, config, model, prog, prog.clock))
         rates = ", ".join(f"{k} {v['success_rate']:.2f} ({v['twist_hz']:.0f} Hz twists)"
                           for k, v in deploy["policies"].items())
         prog.say(f"closed loop success through ROS 2: {rates}")
 
     def report():
-        summary = build_summary(config, record, train, open_loop, closed, dict(timings), deploy)
+        summary = build_summary(config, record, train, open_loop, closed, dict(timings), deploy, dagger)
         (run_dir / SUMMARY_FILE).write_text(json.dumps(json_ready(summary), indent=2) + "\n")
-        write_report(run_dir, summary, train, open_loop, closed)
+        write_report(run_dir, summary, train, open_loop, closed, dagger)
         return {"summary": str(run_dir / SUMMARY_FILE), "report": str(run_dir / REPORT_FILE)}
 
     run_step("report", report)

@@ -14,7 +14,7 @@ from openvla_ros import demo
 from openvla_ros.demo import DONE_FILE, STEPS, DemoConfig, run_demo, step_inputs
 
 TINY = dict(episodes=3, held_out=1, eval_episodes=1, steps=2, batch_size=2, episode_seconds=3.0,
-            sensitivity_frames=2, chunk=2, augment=True)
+            sensitivity_frames=2, chunk=2, augment=True, dagger_episodes=1, dagger_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,68 @@ def test_trained_checkpoint_loads_and_predicts_a_chunk(tiny_run):
     engine = demo.make_engine(train["checkpoint"], center_crop=train["center_crop"])
     chunk = engine.predict(np.zeros((224, 224, 3), np.uint8), "reach the red cube", stamp=3.0)
     assert chunk.actions.shape == (2, 7) and chunk.is_finite and chunk.stamp == 3.0 and chunk.dt == 0.2
+
+
+def test_dagger_step_trains_on_on_the_models_rollouts_and_later_steps_use_its_model(tiny_run):
+    from openvla_ros.training.data import EpisodeReadOptions, read_episode
+
+    run_dir, summary = tiny_run
+    train = json.loads((run_dir / "train" / DONE_FILE).read_text())["result"]
+    dagger = json.loads((run_dir / "dagger" / DONE_FILE).read_text())["result"]
+    assert dagger["rollout_episodes"] == 1 and dagger["steps"] == 2 and math.isfinite(dagger["final_loss"])
+    assert Path(dagger["checkpoint"]) == run_dir / "dagger" / "model" != Path(train["checkpoint"])
+    bag = run_dir / "dagger" / "bags" / "rollout_0000"
+    outcome = json.loads(Path(f"{bag}.json").read_text())
+    assert outcome["seed"] == demo.dagger_seed(DemoConfig(**TINY), 0)
+    assert outcome["options"]["checkpoint"] == train["checkpoint"]
+    # The rollout is a training episode like the demonstrations (the trainer reads it the same way).
+    read = EpisodeReadOptions(image_topic=demo.TOPIC_IMAGE, instruction_topic=demo.TOPIC_INSTRUCTION,
+                              action_topic=demo.TOPIC_TWIST, gripper_topic=demo.TOPIC_GRIPPER, dt=0.2)
+    assert len(read_episode(bag, read).actions) == dagger["rollout_frames"] == outcome["result"]["frames"] >= 1
+    # The continued model is what the later steps evaluate and deploy.
+    for step in ("closed_loop", "deploy_ros"):
+        assert json.loads((run_dir / step / DONE_FILE).read_text())["result"]["checkpoint"] == dagger["checkpoint"]
+    assert summary["dagger"]["rollout_episodes"] == 1 and summary["training"]["checkpoint"] == train["checkpoint"]
+    engine = demo.make_engine(dagger["checkpoint"], center_crop=dagger["center_crop"])
+    assert engine.predict(np.zeros((224, 224, 3), np.uint8), "reach the red cube").is_finite
+
+
+def test_rollout_recording_keeps_the_models_episode_and_labels_every_state_with_the_expert(tiny_run, tmp_path):
+    """DAgger data: the model drives exactly as in the closed loop; the bag's actions are the expert's."""
+    from openvla_ros.eval.bags import BagReadOptions, RosBag, read_frames
+    from openvla_ros.sim.expert import ReachExpert
+    from openvla_ros.sim.rollout import panda_kinematics
+    from openvla_ros.sim.scene import instruction_for, target_for_seed
+
+    run_dir, _ = tiny_run
+    train = json.loads((run_dir / "train" / DONE_FILE).read_text())["result"]
+    engine = demo.make_engine(train["checkpoint"], center_crop=train["center_crop"])
+    seed = demo.dagger_seed(DemoConfig(**TINY), 7)
+    loop = dict(max_seconds=1.0, control_rate_hz=100.0, replan_period_s=0.1, sim_latency_s=0.1,
+                blend_policy="ensemble")
+    out = demo.record_rollout(tmp_path / "rollout", seed, checkpoint=train["checkpoint"],
+                              center_crop=train["center_crop"], engine=engine, **loop)
+    target = target_for_seed(seed)
+    assert out["target"] == target and out["frames"] == 5  # 1 s of 0.2 s periods (a 2-step model does not arrive)
+    # The same episode unrecorded: recording does not change what the model sees or does.
+    scene = demo.closed_loop_scene(seed, 100.0)
+    try:
+        cube = scene.reset(seed)[target]
+        episode = demo.closed_loop_episode(scene, panda_kinematics(), demo.EngineSource(engine), target,
+                                           instruction_for(target), **loop)
+    finally:
+        scene.close()
+    assert out["success"] == episode.success and out["final_distance_m"] == pytest.approx(episode.final_distance_m)
+    with RosBag(tmp_path / "rollout") as bag:
+        tips = np.array([[m.msg.pose.position.x, m.msg.pose.position.y, m.msg.pose.position.z]
+                         for m in bag.messages([demo.TOPIC_TIP_POSE])])
+    np.testing.assert_allclose(tips, np.array(episode.tip_path)[:5], atol=1e-5)
+    assert np.linalg.norm(tips[-1] - tips[0]) > 1e-3  # the model moved the arm
+    frames = list(read_frames(tmp_path / "rollout", BagReadOptions(
+        truth_topic=demo.TOPIC_TWIST, image_topic=demo.TOPIC_IMAGE, sync="nearest", tolerance=0.001)))
+    assert len(frames) == 5 and frames[0].instruction == instruction_for(target)
+    for frame, tip in zip(frames, tips):
+        np.testing.assert_allclose(frame.truth, ReachExpert().action(tip, cube)[:6], atol=1e-5)
 
 
 def test_open_loop_reports_exist_per_held_out_bag(tiny_run):
@@ -162,6 +224,17 @@ def test_step_inputs_chain_and_validation():
     assert other_blend["train"] == base["train"] and other_blend["closed_loop"] != base["closed_loop"]
     paired = step_inputs(replace(DemoConfig(), paired_targets=not DemoConfig().paired_targets))
     assert paired["record"] != base["record"] and paired["train"] != base["train"]
+    # DAgger settings change the DAgger round and what follows it, never the recording or first training.
+    off, on = step_inputs(DemoConfig(dagger_episodes=0)), step_inputs(DemoConfig(dagger_episodes=5))
+    longer = step_inputs(DemoConfig(dagger_episodes=5, dagger_steps=7))
+    assert off["train"] == on["train"] == longer["train"] and on["dagger"] != longer["dagger"]
+    assert on["closed_loop"] != longer["closed_loop"] and on["deploy_ros"] != longer["deploy_ros"]
+    # While off, the later steps depend on the first training only (runs made before DAgger resume).
+    assert "dagger" not in off["closed_loop"] and off["closed_loop"] == step_inputs(
+        DemoConfig(dagger_episodes=0, dagger_steps=7))["closed_loop"]
+    for bad in dict(dagger_episodes=-1), dict(dagger_steps=0), dict(dagger_lr=0.0), dict(dagger_episodes=1.5):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DemoConfig(**bad).validated()
 
 
 def test_deployment_ran_through_the_ros_graph_and_moved_the_arm_via_ik_node(tiny_run):

@@ -185,6 +185,36 @@ def test_gaussian_bin_targets_train_and_export_the_same_checkpoint_format(tmp_pa
             config(tmp_path / "bad", bad).validated()
 
 
+def test_continued_training_can_keep_the_base_checkpoints_action_statistics(tmp_path, tiny_checkpoint, demo_bags):
+    """keep_base_statistics: a model trained on more data keeps its bins' meaning (DAgger rounds)."""
+    root, _ = demo_bags
+
+    def config(out, base, episodes, keep):
+        return TrainConfig(out_dir=str(out), datasets=[_dataset(root, episodes)], base_checkpoint=str(base), steps=2,
+                           batch_size=2, lora_rank=4, train_parts=["projector"], augment=False, val_fraction=0.0,
+                           progress=False, cache_dir=str(tmp_path / "cache"), keep_base_statistics=keep)
+
+    first = run_training(config(tmp_path / "first", tiny_checkpoint, [0, 1], False)).checkpoint_dir
+    base_stats = Checkpoint.open(first).norm_stats["demo"]
+    kept = Checkpoint.open(run_training(config(tmp_path / "kept", first, [2], True)).checkpoint_dir)
+    own = Checkpoint.open(run_training(config(tmp_path / "own", first, [2], False)).checkpoint_dir)
+    # Episode 2's actions alone have other percentiles; kept, the base's are exported unchanged.
+    assert kept.norm_stats["demo"] == base_stats
+    # The continued run's own records, not copies of the base run's.
+    assert [step for step, _ in _losses(tmp_path / "kept" / "train_log.csv")] == [1, 2]
+    assert json.loads((tmp_path / "kept" / "run_config.json").read_text())["config"]["out_dir"] == str(tmp_path / "kept")
+    assert own.norm_stats["demo"]["action"]["q01"] != base_stats["action"]["q01"]
+    with pytest.raises(ValueError, match="keep_base_statistics needs a base_checkpoint"):
+        TrainConfig(out_dir=str(tmp_path / "x"), datasets=[_dataset(root)], from_scratch=True,
+                    keep_base_statistics=True).validated()
+    other = TrainConfig(out_dir=str(tmp_path / "other"), datasets=[DatasetConfig("other", [str(root / "ep2")],
+                        read=EpisodeReadOptions(action_topic="/act"))], base_checkpoint=str(first), steps=1,
+                        batch_size=2, lora_rank=4, augment=False, val_fraction=0.0, progress=False,
+                        cache_dir=str(tmp_path / "cache"), keep_base_statistics=True)
+    with pytest.raises(ValueError, match=r"statistics for \['demo'\], none of the datasets \['other'\]"):
+        run_training(other)
+
+
 def test_worker_processes_give_the_weights_of_the_in_process_loader(tmp_path, tiny_checkpoint, demo_bags):
     import multiprocessing
 
@@ -273,9 +303,9 @@ def test_invalid_configurations_are_rejected(tmp_path, tiny_checkpoint, demo_bag
     parser = add_train_arguments(__import__("argparse").ArgumentParser())
     args = parser.parse_args(["--checkpoint", "B", "--data", "a", "b", "--data", "c", "--dataset-name", "x",
                               "--dataset-name", "y", "--weight", "1", "--weight", "3", "--out", "O", "--full",
-                              "--num-workers", "3"])
+                              "--num-workers", "3", "--keep-base-stats"])
     cfg = config_from_args(args)
-    assert cfg.num_workers == 3
+    assert cfg.num_workers == 3 and cfg.keep_base_statistics is True
     assert [(d.name, d.paths, d.weight) for d in cfg.datasets] == [("x", ["a", "b"], 1.0), ("y", ["c"], 3.0)]
     assert cfg.lora_rank == 0 and cfg.train_parts == ["vision_backbone", "projector", "language_model"]
     args = parser.parse_args(["--checkpoint", "B", "--data", "a", "--data", "c", "--weight", "2", "--out", "O"])

@@ -71,6 +71,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--quantize", choices=QUANTIZE_MODES, default=None, help="QLoRA base weights (CUDA only)")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--no-augment", action="store_true", help="no random crop / colour jitter")
+    train.add_argument("--keep-base-stats", action="store_true",
+                       help="normalise with the base checkpoint's action statistics (same dataset name) instead of "
+                            "the new data's: a model trained on more data (e.g. a DAgger round) keeps its bins' meaning")
     train.add_argument("--bin-sigma", type=float, default=DEFAULTS.action_bin_sigma, metavar="BINS",
                        help="train each action token towards a Gaussian over neighbouring bins with this std "
                             "(in bins; default 0 = one-hot cross-entropy, the reference's; the demo uses 3); the "
@@ -123,7 +126,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_grad_norm=args.max_grad_norm, lora_rank=0 if full else args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_scope=args.lora_scope,
         train_parts=list(MODEL_PARTS) if full else list(args.train), quantize=args.quantize,
-        gradient_checkpointing=args.gradient_checkpointing, augment=not args.no_augment, augment_shift_px=args.shift_px, ema_decay=args.ema_decay, action_bin_sigma=args.bin_sigma, num_workers=args.num_workers,
+        gradient_checkpointing=args.gradient_checkpointing, augment=not args.no_augment, augment_shift_px=args.shift_px, ema_decay=args.ema_decay, action_bin_sigma=args.bin_sigma,
+        keep_base_statistics=args.keep_base_stats, num_workers=args.num_workers,
         device=args.device,
         eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         max_val_samples=args.max_val_samples, cache_dir=args.cache_dir, resume=not args.no_resume,

@@ -59,6 +59,8 @@ LOG_COLUMNS = ("step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "v
 CONFIG_KEY_TRAINING = "openvla_ros_training"  # run summary stored in config.json (ignored by loaders)
 MAX_SHARD_BYTES = 4 * 1024 ** 3
 SKIPPED_BASE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # weights are rewritten, not copied
+# A base that is itself a training run's output carries that run's records: this run writes its own.
+RUN_RECORD_FILES = (LOG_FILE, RUN_CONFIG_FILE, LOCAL_RESULT_FILE)
 # Fields that may change between a run and its resumption (everything else must match).
 LR_SCHEDULES = ("constant", "cosine")
 RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "log_every", "progress", "max_val_samples", "resume",
@@ -115,6 +117,10 @@ class TrainConfig:
     # Gaussian targets over neighbouring action bins (std in bins; 0 = one-hot cross-entropy): see
     # training/objective.py. The checkpoint is the same format either way.
     action_bin_sigma: float = 0.0
+    # Normalise with the base checkpoint's statistics for the datasets it has them for (by key)
+    # instead of the new data's: a model trained on more data keeps the meaning of its action bins,
+    # and values beyond the base's bounds clip to the end bins (as at inference).
+    keep_base_statistics: bool = False
     num_workers: int = 0  # DataLoader worker processes building batches; 0: in the training process
     device: str = "cpu"
     eval_every: int = 100
@@ -151,6 +157,8 @@ class TrainConfig:
                 raise ValueError(f"dataset {d.name!r}: weight must be > 0, got {d.weight}")
         if self.from_scratch == (self.base_checkpoint is not None):
             raise ValueError("give exactly one of base_checkpoint and from_scratch")
+        if self.keep_base_statistics and self.from_scratch:
+            raise ValueError("keep_base_statistics needs a base_checkpoint (a from-scratch model has no statistics)")
         if self.normalization not in NORMALIZATION_TYPES:
             raise ValueError(f"normalization must be one of {NORMALIZATION_TYPES}, got {self.normalization!r}")
         for name, value in (("steps", self.steps), ("batch_size", self.batch_size), ("grad_accum", self.grad_accum)):
@@ -570,7 +578,8 @@ def export_checkpoint(out_dir: Path, base: Checkpoint, config: TrainConfig, stat
     total = sum(v.numel() * v.element_size() for v in stored.values())
     for name in os.listdir(base.path):  # tokenizer, preprocessor config, anything else the base carries
         source = base.path / name
-        if source.is_file() and name not in (CONFIG_FILE, STATISTICS_FILE, WEIGHTS_INDEX_FILE) and not name.endswith(SKIPPED_BASE_SUFFIXES):
+        if source.is_file() and name not in (CONFIG_FILE, STATISTICS_FILE, WEIGHTS_INDEX_FILE, *RUN_RECORD_FILES) \
+                and not name.endswith(SKIPPED_BASE_SUFFIXES):
             shutil.copy2(source, out_dir / name)
     write_weights(out_dir, stored, max(1, math.ceil(total / MAX_SHARD_BYTES)))
     raw = json.loads(json.dumps(base.config.raw))
@@ -624,6 +633,25 @@ def evaluate(objective: ActionObjective, collator: ActionCollator, samples: Sequ
             "val_l1": l1_sum / max(l1_count, 1)}
 
 
+def base_statistics(base: Checkpoint, statistics: dict) -> dict:
+    """`statistics` with each dataset's entry replaced by the base checkpoint's of the same key.
+
+    Raises ValueError when the base has none of the keys, or an entry of another action size.
+    """
+    shared = sorted(set(statistics) & set(base.norm_stats))
+    if not shared:
+        raise ValueError(f"keep_base_statistics: the base checkpoint {str(base.path)!r} has statistics for "
+                         f"{sorted(base.norm_stats)}, none of the datasets {sorted(statistics)}")
+    out = dict(statistics)
+    for key in shared:
+        size, base_size = len(statistics[key]["action"]["q01"]), len(base.norm_stats[key]["action"]["q01"])
+        if size != base_size:
+            raise ValueError(f"keep_base_statistics: dataset {key!r} has {size}-D actions, the base's "
+                             f"statistics {base_size}-D")
+        out[key] = base.norm_stats[key]
+    return out
+
+
 def split_samples(split: SplitData, limit: int | None = None) -> list[TrainSample]:
     """Every sample of a split (evenly thinned to `limit`), without augmentation."""
     refs = [(d, r) for d, size in enumerate(split.sizes) for r in range(size)]
@@ -663,7 +691,7 @@ def can_resume(config: TrainConfig) -> bool | None:
 
 # Options added after runs were already being resumed: absent from the key while off, so such a run
 # still resumes.
-_KEYED_ONLY_WHEN_ON = ("ema_decay", "action_bin_sigma")
+_KEYED_ONLY_WHEN_ON = ("ema_decay", "action_bin_sigma", "keep_base_statistics")
 
 
 def _resume_key(config: TrainConfig) -> dict:
@@ -759,6 +787,8 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         statistics[ds.name] = dataset_entry(actions, num_trajectories=len(tr), dim_names=ds.dim_names,
                                             normalization=config.normalization)
     dim_names, dt = list(datasets[0].dim_names), float(datasets[0].dt)
+    if config.keep_base_statistics:
+        statistics = base_statistics(Checkpoint.open(Path(config.base_checkpoint)), statistics)
 
     # Base checkpoint (a random tiny one for from_scratch, written once).
     if config.from_scratch:
