@@ -723,9 +723,7 @@ def step_dagger(run_dir: Path, config: DemoConfig, record: dict, train: dict, pr
     bag_dir.mkdir(parents=True, exist_ok=True)
     options = {"checkpoint": str(train["checkpoint"]), "center_crop": bool(train["center_crop"]),
                "model_id": _hash(step_inputs(config)["train"]), "storage": config.storage,
-               "max_seconds": float(config.episode_seconds), "control_rate_hz": float(config.control_rate_hz),
-               "replan_period_s": float(config.replan_period_s), "sim_latency_s": config.sim_latency_s,
-               "blend_policy": config.blend_policy}
+               **closed_loop_settings(config)}
     jobs = [(bag_dir / f"rollout_{i:04d}", dagger_seed(config, i), None) for i in range(config.dagger_episodes)]
     bar = progress.bar(config.dagger_episodes, "dagger rollouts")
     try:
@@ -982,6 +980,13 @@ def closed_loop_episode(scene, kinematics, source: _ChunkSource, target: str, in
         underrun_ticks=underruns, steady_underrun_ticks=steady_underruns, ik_statuses=dict(statuses), tip_path=path)
 
 
+def closed_loop_settings(config: DemoConfig) -> dict:
+    """The `closed_loop_episode` keywords of a run: the evaluation's and the DAgger rollouts' loop."""
+    return {"max_seconds": float(config.episode_seconds), "control_rate_hz": float(config.control_rate_hz),
+            "replan_period_s": float(config.replan_period_s), "sim_latency_s": config.sim_latency_s,
+            "blend_policy": config.blend_policy}
+
+
 def closed_loop_scene(seed: int, control_rate_hz: float):
     """A scene whose physics step divides the control period (about the scene's default 240 Hz)."""
     from openvla_ros.sim.scene import DEFAULT_PHYSICS_HZ, PandaScene
@@ -1015,11 +1020,7 @@ def step_closed_loop(run_dir: Path, config: DemoConfig, train: dict, progress: _
                 named = other if policy == POLICY_SWAPPED else target
                 scene.reset(seed)
                 ep = closed_loop_episode(scene, kin, sources[policy], named, instruction_for(named), policy=policy,
-                                         seed=seed, max_seconds=config.episode_seconds,
-                                         control_rate_hz=config.control_rate_hz,
-                                         replan_period_s=config.replan_period_s, sim_latency_s=config.sim_latency_s,
-                                         blend_policy=config.blend_policy,
-                                         clock=clock)
+                                         seed=seed, clock=clock, **closed_loop_settings(config))
                 episodes[policy].append(ep)
                 if bar is not None:
                     bar.update(1)

@@ -787,8 +787,6 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         statistics[ds.name] = dataset_entry(actions, num_trajectories=len(tr), dim_names=ds.dim_names,
                                             normalization=config.normalization)
     dim_names, dt = list(datasets[0].dim_names), float(datasets[0].dt)
-    if config.keep_base_statistics:
-        statistics = base_statistics(Checkpoint.open(Path(config.base_checkpoint)), statistics)
 
     # Base checkpoint (a random tiny one for from_scratch, written once).
     if config.from_scratch:
@@ -805,6 +803,8 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     else:
         base_dir = Path(config.base_checkpoint)
     base = Checkpoint.open(base_dir)
+    if config.keep_base_statistics:  # (validated: never with from_scratch, whose init used the data's)
+        statistics = base_statistics(base, statistics)
     chunk_len = config.chunk_len or base.config.chunk_len
 
     collator = ActionCollator(base, stats_for(statistics), chunk_len, crop_jitter=config.augment,
