@@ -109,11 +109,12 @@ class DemoConfig:
     steps: int = 8000  # training steps (~15.5 steps/s with two processes of 8 and the p28 backbone)
     # Global batch, split over train_processes. 16 (two processes of 8) reached 1.00 / 0.85 closed
     # loop on the recordings of seeds 0 / 2 where batch 8 in one process reached 0.45 / 0.55 with the
-    # same steps and learning rate (issue #8 notes): the tiny model underfits (open-loop error on
-    # training bags equalled the held-out one) and the smaller batch's gradient noise was the limit.
+    # same steps and learning rate, 0.40 on seed 1's (issue #8 notes): the tiny model underfits
+    # (open-loop error on training bags equalled the held-out one) and the smaller batch's gradient
+    # noise was the limit (16 in one process did as well).
     batch_size: int = 16
     # Data-parallel training processes (DDP over gloo, one thread each): 2 train ~1.4x the samples/s
-    # of one on a 2-core CPU, so the doubled batch costs ~1.4x the training time, not 2x.
+    # of one on a 2-core CPU; the doubled batch took 8.5 min of training where batch 8 took 7.5.
     train_processes: int = 2
     lr: float = 2e-3
     warmup_steps: int = 50
