@@ -109,7 +109,7 @@ class DemoConfig:
     steps: int = 8000  # training steps (~15.5 steps/s with two processes of 8 and the p28 backbone)
     # Global batch, split over train_processes. 16 (two processes of 8) reached 1.00 / 0.85 closed
     # loop on the recordings of seeds 0 / 2 where batch 8 in one process reached 0.45 / 0.55 with the
-    # same steps and learning rate, 0.40 on seed 1's (issue #8 notes): the tiny model underfits
+    # same steps and learning rate; 0.40 / 0.50 on seeds 1 / 3 (issue #8 notes). The tiny model underfits
     # (open-loop error on training bags equalled the held-out one) and the smaller batch's gradient
     # noise was the limit (16 in one process did as well).
     batch_size: int = 16
