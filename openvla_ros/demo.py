@@ -345,11 +345,11 @@ def record_scene(config: DemoConfig, index: int) -> tuple[int, str | None]:
 
 
 def eval_seed(config: DemoConfig, index: int) -> int:
-    return EVAL_SEED_OFFSET + config.seed * 1_000_003 + index
+    return EVAL_SEED_OFFSET + record_seed(config, index)
 
 
 def dagger_seed(config: DemoConfig, index: int) -> int:
-    return DAGGER_SEED_OFFSET + config.seed * 1_000_003 + index
+    return DAGGER_SEED_OFFSET + record_seed(config, index)
 
 
 def _outcome_rates(eps) -> dict:
