@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,7 +27,8 @@ from openvla_ros.training.collate import ActionCollator, TrainSample
 from openvla_ros.training.data import EpisodeReadOptions
 from openvla_ros.training.objective import ActionObjective
 from openvla_ros.training.stats import stats_for
-from openvla_ros.training.trainer import DatasetConfig, TrainConfig, evaluate, run_training, run_training_local_processes
+from openvla_ros.training.trainer import (CONFIG_KEY_TRAINING, DatasetConfig, TrainConfig, evaluate, list_snapshots, run_training,
+                                          run_training_local_processes, snapshot_dir)
 from openvla_ros.vla.checkpoint import Checkpoint
 
 INSTRUCTION = "reach the red cube"
@@ -161,6 +163,42 @@ def test_weight_average_is_exported_and_resumed_exactly(tmp_path, tiny_checkpoin
         torch.testing.assert_close(value, last[name], rtol=0, atol=1e-6, msg=name)
     with pytest.raises(ValueError, match="ema_decay"):
         config(tmp_path / "bad", 1, 1.0).validated()
+
+
+def test_snapshots_are_complete_checkpoints_of_their_step_and_survive_a_resume(tmp_path, tiny_checkpoint, demo_bags):
+    root, frames = demo_bags
+
+    def config(out, steps):
+        return TrainConfig(out_dir=str(out), datasets=[_dataset(root)], base_checkpoint=str(tiny_checkpoint),
+                           steps=steps, batch_size=2, lr=3e-3, lora_rank=4, train_parts=["projector"], augment=False,
+                           val_fraction=0.0, save_every=2, snapshot_every=2, progress=False,
+                           cache_dir=str(tmp_path / "cache"))
+
+    straight = run_training(config(tmp_path / "straight", 4))
+    found = list_snapshots(straight.checkpoint_dir)
+    assert [step for step, _ in found] == [2, 4]
+    assert [path for _, path in found] == [snapshot_dir(straight.checkpoint_dir, s) for s in (2, 4)]
+    final, last, first = (_weights(p) for p in (straight.checkpoint_dir, found[1][1], found[0][1]))
+    assert final.keys() == last.keys() == first.keys()
+    for name in final:
+        torch.testing.assert_close(last[name], final[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(first[n], final[n]) for n in final)  # step 2 is an earlier model
+    # Each snapshot is a checkpoint the engines load, and it says which step it is.
+    engine = TorchEngine(found[0][1])
+    assert engine.predict(frames[0][1], INSTRUCTION).actions.shape[1] == 7
+    assert Checkpoint.open(found[0][1]).config.raw[CONFIG_KEY_TRAINING]["steps"] == 2
+    # Stopped after the first snapshot and resumed: the same snapshots, bit for bit; a half-written
+    # one (a run killed mid-export) is not listed.
+    run_training(config(tmp_path / "split", 2))
+    (tmp_path / "split" / "snapshots" / "step_000003.partial").mkdir()
+    run_training(config(tmp_path / "split", 4))
+    assert [step for step, _ in list_snapshots(tmp_path / "split")] == [2, 4]
+    for (_, a), (_, b) in zip(found, list_snapshots(tmp_path / "split")):
+        wa, wb = _weights(a), _weights(b)
+        for name in wa:
+            torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="snapshot_every must be an integer >= 0 .*got -1"):
+        dataclasses.replace(config(tmp_path / "bad", 1), snapshot_every=-1).validated()
 
 
 def test_gaussian_bin_targets_train_and_export_the_same_checkpoint_format(tmp_path, tiny_checkpoint, demo_bags):
@@ -303,9 +341,9 @@ def test_invalid_configurations_are_rejected(tmp_path, tiny_checkpoint, demo_bag
     parser = add_train_arguments(__import__("argparse").ArgumentParser())
     args = parser.parse_args(["--checkpoint", "B", "--data", "a", "b", "--data", "c", "--dataset-name", "x",
                               "--dataset-name", "y", "--weight", "1", "--weight", "3", "--out", "O", "--full",
-                              "--num-workers", "3", "--keep-base-stats"])
+                              "--num-workers", "3", "--keep-base-stats", "--snapshot-every", "50"])
     cfg = config_from_args(args)
-    assert cfg.num_workers == 3 and cfg.keep_base_statistics is True
+    assert cfg.num_workers == 3 and cfg.keep_base_statistics is True and cfg.snapshot_every == 50
     assert [(d.name, d.paths, d.weight) for d in cfg.datasets] == [("x", ["a", "b"], 1.0), ("y", ["c"], 3.0)]
     assert cfg.lora_rank == 0 and cfg.train_parts == ["vision_backbone", "projector", "language_model"]
     args = parser.parse_args(["--checkpoint", "B", "--data", "a", "--data", "c", "--weight", "2", "--out", "O"])

@@ -87,6 +87,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     train.add_argument("--device", default="cpu")
     train.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     train.add_argument("--save-every", type=int, default=DEFAULTS.save_every)
+    train.add_argument("--snapshot-every", type=int, default=DEFAULTS.snapshot_every, metavar="N",
+                       help="also export a complete checkpoint every N steps under OUT/snapshots/step_NNNNNN (0: none)")
     train.add_argument("--log-every", type=int, default=DEFAULTS.log_every)
     train.add_argument("--max-val-samples", type=int, default=DEFAULTS.max_val_samples)
     train.add_argument("--cache-dir", default=None)
@@ -129,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         gradient_checkpointing=args.gradient_checkpointing, augment=not args.no_augment, augment_shift_px=args.shift_px, ema_decay=args.ema_decay, action_bin_sigma=args.bin_sigma,
         keep_base_statistics=args.keep_base_stats, num_workers=args.num_workers,
         device=args.device,
-        eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
+        eval_every=args.eval_every, save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
         max_val_samples=args.max_val_samples, cache_dir=args.cache_dir, resume=not args.no_resume,
         save_adapter=args.save_adapter, progress=not args.no_progress)
 

@@ -54,6 +54,7 @@ LOG_FILE = "train_log.csv"
 LOCAL_RESULT_FILE = "local_ranks_result.json"  # rank 0's result, for the process that started local ranks
 RUN_CONFIG_FILE = "run_config.json"
 ADAPTER_DIR = "lora_adapter"
+SNAPSHOTS_DIR = "snapshots"  # out_dir/snapshots/step_NNNNNN: checkpoints exported during training
 INIT_DIR = "init_checkpoint"
 LOG_COLUMNS = ("step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "val_loss", "val_token_accuracy", "val_l1")
 CONFIG_KEY_TRAINING = "openvla_ros_training"  # run summary stored in config.json (ignored by loaders)
@@ -63,7 +64,7 @@ SKIPPED_BASE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # weig
 RUN_RECORD_FILES = (LOG_FILE, RUN_CONFIG_FILE, LOCAL_RESULT_FILE)
 # Fields that may change between a run and its resumption (everything else must match).
 LR_SCHEDULES = ("constant", "cosine")
-RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "log_every", "progress", "max_val_samples", "resume",
+RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "snapshot_every", "log_every", "progress", "max_val_samples", "resume",
                      "save_adapter", "out_dir", "num_workers"}
 
 
@@ -125,6 +126,9 @@ class TrainConfig:
     device: str = "cpu"
     eval_every: int = 100
     save_every: int = 100
+    # Also export a complete checkpoint (loadable by every engine) every this many steps, under
+    # out_dir/snapshots/step_NNNNNN, to evaluate or pick intermediate models; 0: none.
+    snapshot_every: int = 0
     log_every: int = 1
     max_val_samples: int = 256
     cache_dir: str | None = None  # None: out_dir/cache
@@ -164,6 +168,8 @@ class TrainConfig:
         for name, value in (("steps", self.steps), ("batch_size", self.batch_size), ("grad_accum", self.grad_accum)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if isinstance(self.snapshot_every, bool) or not isinstance(self.snapshot_every, int) or self.snapshot_every < 0:
+            raise ValueError(f"snapshot_every must be an integer >= 0 (0: no snapshots), got {self.snapshot_every!r}")
         if isinstance(self.num_workers, bool) or int(self.num_workers) != self.num_workers or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         if self.chunk_len is not None and self.chunk_len < 1:
@@ -547,6 +553,22 @@ def _store_dtype(config_raw: dict) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name), torch.float32)
 
 
+def snapshot_dir(out_dir: str | Path, step: int) -> Path:
+    """Where a run writing to `out_dir` exports its snapshot of `step` (TrainConfig.snapshot_every)."""
+    return Path(out_dir) / SNAPSHOTS_DIR / f"step_{int(step):06d}"
+
+
+def list_snapshots(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, directory) of the complete snapshots a run exported under `out_dir`, by step."""
+    root = Path(out_dir) / SNAPSHOTS_DIR
+    found = []
+    for path in root.glob("step_*") if root.is_dir() else ():
+        digits = path.name[len("step_"):]
+        if path.is_dir() and digits.isdigit() and (path / CONFIG_FILE).is_file():
+            found.append((int(digits), path))
+    return sorted(found)
+
+
 def export_checkpoint(out_dir: Path, base: Checkpoint, config: TrainConfig, state: dict[str, torch.Tensor],
                       statistics: dict, chunk_len: int, dt: float, dim_names: list[str], summary: dict,
                       save_adapter: bool = False) -> Path:
@@ -861,6 +883,26 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     last_loss, metrics = None, {}
     action_dim = len(dim_names)
 
+    def training_summary() -> dict:
+        return {"steps": step, "global_batch": global_batch, "world_size": ctx.world, "lora_rank": config.lora_rank,
+                "train_parts": list(config.train_parts), "normalization": config.normalization,
+                "image_augmentation": config.augment, "shift_augmentation_px": config.augment_shift_px,
+                "center_crop_at_inference": config.augment,
+                "datasets": {d.name: d.weight for d in config.datasets}, "final_loss": last_loss, "ema_decay": config.ema_decay, **metrics}
+
+    def save_snapshot():
+        if not ctx.is_main:
+            return
+        final = snapshot_dir(out_dir, step)
+        # Written aside and renamed: a run stopped mid-export leaves no half checkpoint under the final name.
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        export_checkpoint(partial, base, config, trainable_state(inner) if ema is None else ema, statistics, chunk_len, dt,
+                          dim_names, training_summary())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+
     def save_state():
         if not ctx.is_main:
             return
@@ -934,6 +976,8 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
                 bar.update(1)
         if step % config.save_every == 0 or step == config.steps:
             save_state()
+        if config.snapshot_every and step % config.snapshot_every == 0:
+            save_snapshot()
     del batches, loader  # stops the worker processes now rather than at garbage collection
     if bar is not None:
         bar.close()
@@ -941,13 +985,8 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         board.close()
 
     if ctx.is_main:
-        summary = {"steps": step, "global_batch": global_batch, "world_size": ctx.world, "lora_rank": config.lora_rank,
-                   "train_parts": list(config.train_parts), "normalization": config.normalization,
-                   "image_augmentation": config.augment, "shift_augmentation_px": config.augment_shift_px,
-                   "center_crop_at_inference": config.augment,
-                   "datasets": {d.name: d.weight for d in config.datasets}, "final_loss": last_loss, "ema_decay": config.ema_decay, **metrics}
         export_checkpoint(out_dir, base, config, trainable_state(inner) if ema is None else ema, statistics, chunk_len, dt, dim_names,
-                          summary, save_adapter=config.save_adapter)
+                          training_summary(), save_adapter=config.save_adapter)
     ctx.barrier()
     return TrainResult(checkpoint_dir=out_dir, steps=step, final_loss=last_loss, metrics=metrics, log_path=log_path)
 
