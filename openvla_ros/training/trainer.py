@@ -562,7 +562,7 @@ def list_snapshots(out_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, directory) of the complete snapshots a run exported under `out_dir`, by step."""
     root = Path(out_dir) / SNAPSHOTS_DIR
     found = []
-    for path in root.glob("step_*") if root.is_dir() else ():
+    for path in root.glob("step_*"):  # nothing when the run wrote no snapshots
         digits = path.name[len("step_"):]
         if path.is_dir() and digits.isdigit() and (path / CONFIG_FILE).is_file():
             found.append((int(digits), path))
@@ -890,6 +890,11 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
                 "center_crop_at_inference": config.augment,
                 "datasets": {d.name: d.weight for d in config.datasets}, "final_loss": last_loss, "ema_decay": config.ema_decay, **metrics}
 
+    def export_to(directory: Path, save_adapter: bool = False) -> None:
+        """The weights as trained so far (the running average with ema_decay) as a checkpoint in `directory`."""
+        export_checkpoint(directory, base, config, trainable_state(inner) if ema is None else ema, statistics, chunk_len, dt,
+                          dim_names, training_summary(), save_adapter=save_adapter)
+
     def save_snapshot():
         if not ctx.is_main:
             return
@@ -898,8 +903,7 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        export_checkpoint(partial, base, config, trainable_state(inner) if ema is None else ema, statistics, chunk_len, dt,
-                          dim_names, training_summary())
+        export_to(partial)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
 
@@ -985,8 +989,7 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         board.close()
 
     if ctx.is_main:
-        export_checkpoint(out_dir, base, config, trainable_state(inner) if ema is None else ema, statistics, chunk_len, dt, dim_names,
-                          training_summary(), save_adapter=config.save_adapter)
+        export_to(out_dir, save_adapter=config.save_adapter)
     ctx.barrier()
     return TrainResult(checkpoint_dir=out_dir, steps=step, final_loss=last_loss, metrics=metrics, log_path=log_path)
 
