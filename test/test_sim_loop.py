@@ -8,7 +8,7 @@ from conftest import ManualClock
 
 from openvla_ros.sim.render_process import RenderProcess
 from openvla_ros.sim.scene import PANDA_REST_POSTURE, PandaScene, instruction_for, target_for_seed
-from openvla_ros.sim.sim_loop import SimLoop
+from openvla_ros.sim.sim_loop import EPISODE_START_GRACE_S, SimLoop
 
 DT = 1.0 / 240.0
 
@@ -100,6 +100,8 @@ def test_commands_far_from_the_arm_are_refused_so_a_reset_is_not_undone(scene):
     assert loop.max_command_jump_rad == pytest.approx(0.2)
     rest = np.array(PANDA_REST_POSTURE)
     far = rest + np.array([0.0, 0.5, 0.0, -0.4, 0.0, 0.3, 0.0])
+    while scene.time <= EPISODE_START_GRACE_S:  # past the start of the episode (see below)
+        loop.run_once()
     loop.command_joints(far)
     loop.run_once()
     assert loop.counters["jump_refusals"] == 1 and "panda_joint2" in errors[-1] and "0.500 rad" in errors[-1]
@@ -112,13 +114,25 @@ def test_commands_far_from_the_arm_are_refused_so_a_reset_is_not_undone(scene):
         loop.run_once()
     np.testing.assert_allclose(scene.get_joint_positions(), far, atol=0.02)
     assert loop.counters["jump_refusals"] == 1
-    # After a reset the arm is back at rest; the old episode's command is refused, not obeyed.
+    # After a reset the arm is back at rest; the old episode's command is refused, not obeyed. Right
+    # after an episode starts that is expected (the controller has not seen the new posture): counted,
+    # not logged as an error.
     scene.reset(4)
+    errors.clear()
     loop.command_joints(far)
     for _ in range(120):
         loop.run_once()
     np.testing.assert_allclose(scene.get_joint_positions(), rest, atol=1e-2)
-    assert loop.counters["jump_refusals"] == 2
+    assert loop.counters["jump_refusals"] == 2 and loop.counters["stale_commands_after_reset"] == 1
+    assert errors == []
+    # Later in the episode the same jump is an error again.
+    while scene.time <= EPISODE_START_GRACE_S:
+        loop.run_once()
+    loop.command_joints(far)
+    loop.run_once()
+    assert loop.counters["jump_refusals"] == 3 and loop.counters["stale_commands_after_reset"] == 1
+    assert len(errors) == 1 and "max_command_jump_rad" in errors[0]
+    np.testing.assert_allclose(scene.joint_targets, rest)
     with pytest.raises(ValueError, match="max_command_jump_rad"):
         SimLoop(scene, real_time=False, max_command_jump_rad=-1.0)
 
