@@ -369,6 +369,52 @@ def test_settling_records_the_expert_stopping_at_the_goal(tmp_path):
     assert demo.recording_options(**common, settle_s=0.6)["settle_s"] == 0.6
 
 
+def test_relabelled_bags_hold_the_same_frames_with_the_other_instruction_and_its_expert_actions(tmp_path):
+    """relabel_other_targets: per other colour, the same frames, that colour's instruction, and the expert's
+    action towards that cube from each recorded state; split_bags trains on those of training episodes only."""
+    from openvla_ros.eval.bags import BagReadOptions, RosBag, read_frames
+    from openvla_ros.sim.expert import ReachExpert
+    from openvla_ros.sim.scene import CUBE_COLOURS, PandaScene, instruction_for, target_for_seed
+
+    seed = 5
+    target = target_for_seed(seed)
+    other = next(c for c in CUBE_COLOURS if c != target)
+    result = demo.record_episode(tmp_path / "ep", seed, max_seconds=1.0, action_noise_m=0.01,
+                                 relabel_other_targets=True)
+    relabelled = tmp_path / f"ep_as_{other}"
+    assert result["relabelled"] == [str(relabelled)]
+    assert "relabelled" not in demo.record_episode(tmp_path / "plain", seed, max_seconds=1.0)
+    options = BagReadOptions(truth_topic=demo.TOPIC_TWIST, image_topic=demo.TOPIC_IMAGE, sync="nearest",
+                             tolerance=0.001)
+    own, relabel = (list(read_frames(p, options)) for p in (tmp_path / "ep", relabelled))
+    assert len(own) == len(relabel) == result["frames"] == 5
+    instructions, tips = {}, None
+    for name in ("ep", relabelled.name):
+        with RosBag(tmp_path / name) as bag:
+            instructions[name] = [m.msg.data for m in bag.messages([demo.TOPIC_INSTRUCTION])]
+            if tips is None:
+                tips = [np.array([m.msg.pose.position.x, m.msg.pose.position.y, m.msg.pose.position.z])
+                        for m in bag.messages([demo.TOPIC_TIP_POSE])]
+    assert instructions == {"ep": [instruction_for(target)], relabelled.name: [instruction_for(other)]}
+    scene = PandaScene(seed)
+    cubes = {c: scene.cube_position(c) for c in (target, other)}
+    scene.close()
+    expert = ReachExpert()
+    for a, b, tip in zip(own, relabel, tips):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_allclose(a.truth[:3], expert.action(tip, cubes[target])[:3], atol=1e-5)
+        np.testing.assert_allclose(b.truth[:3], expert.action(tip, cubes[other])[:3], atol=1e-5)
+    assert np.abs(own[0].truth[:3] - relabel[0].truth[:3]).max() > 0.01  # the cubes are apart: other labels
+    # Training gets the relabelled bags of the training episodes; the held-out bags stay as recorded.
+    record = {"episodes": [{"bag": f"b{i}", "relabelled": [f"b{i}_as_x"]} for i in range(4)]}
+    assert demo.split_bags(record, DemoConfig(episodes=4, held_out=1)) == (
+        ["b0", "b1", "b2", "b0_as_x", "b1_as_x", "b2_as_x"], ["b3"])
+    common = dict(storage="sqlite3", max_seconds=8.0, noise_m=0.0, random_start_probability=0.0, settle_s=0.0)
+    assert "relabel_other_targets" not in demo.recording_options(**common)  # older recordings still resume
+    assert "relabel_other_targets" not in step_inputs(DemoConfig())["record"]
+    assert step_inputs(DemoConfig(relabel_other_targets=True))["record"]["relabel_other_targets"] is True
+
+
 def test_random_starts_are_seeded_inside_the_start_region_and_clear_of_the_cubes():
     from openvla_ros.sim.scene import START_MIN_CUBE_CLEARANCE_M, START_TIP_REGION
 
