@@ -277,8 +277,8 @@ class SimLoop:
         if jump[worst] > self.max_command_jump_rad:
             self.counters["jump_refusals"] += 1
             raise CommandJumpError(f"{self.scene.joint_names[worst]} target {q[worst]:.3f} rad is {jump[worst]:.3f} rad "
-                             f"from its position {measured[worst]:.3f} (max_command_jump_rad "
-                             f"{self.max_command_jump_rad})")
+                                   f"from its position {measured[worst]:.3f} (max_command_jump_rad "
+                                   f"{self.max_command_jump_rad})")
 
     def _start_episode(self, seed: int, target: str | None, reset: bool = False) -> Episode:
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
