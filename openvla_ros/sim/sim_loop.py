@@ -253,13 +253,11 @@ class SimLoop:
                 self._check_jump(q)
                 self.scene.set_joint_targets(q)
                 self.counters["joint_commands"] += 1
-            except CommandJumpError as exc:
-                if self.scene.time <= EPISODE_START_GRACE_S:
+            except ValueError as exc:
+                if isinstance(exc, CommandJumpError) and self.scene.time <= EPISODE_START_GRACE_S:
                     self.counters["stale_commands_after_reset"] += 1
                 else:
                     self._error(f"ignoring joint command: {exc}")
-            except ValueError as exc:
-                self._error(f"ignoring joint command: {exc}")
         if gripper is not None:
             try:
                 self.scene.set_gripper(gripper)
