@@ -19,8 +19,26 @@ ticks of any length. Each instant of the timeline is paid out once per interval 
 delta per tick. (``sample(now)`` without a period gives the instantaneous twist, which is exact only
 when ticks never straddle action boundaries.)
 
-Latency. A chunk is pushed ``latency`` after its stamp; the part of it before the arrival time is
-already past and dropped (the current action plays only its remaining fraction).
+Latency and execution. A chunk is pushed ``latency`` after its stamp. Two ways to place it:
+
+* ``timeline`` (latency-compensated): action ``i`` covers ``[stamp + i*dt, stamp + (i+1)*dt)`` as
+  above; the part before the arrival time is already past and dropped (the current action plays
+  only its remaining fraction). Right when the chunk is long enough that its future still covers
+  the time until the next chunk lands.
+* ``arrival`` (latency-holding): the chunk's timeline is shifted by its measured latency, so action
+  ``i`` covers ``[arrival + i*dt, arrival + (i+1)*dt)``: the predicted motion is executed whole,
+  late, instead of discarded. When the chunk ends before the next one arrives, its last action's
+  velocity continues for up to ``arrival_hold_s`` (a gap between back-to-back answers would
+  otherwise stop the arm on every answer); a newer chunk cuts the hold at its arrival, and each
+  instant is still paid out once, so no delta is replayed. This is what a one-action model
+  (the released OpenVLA: K = 1, dt = 0.2 s) answering after 0.2 s or more needs to move at all.
+* ``auto`` decides per chunk: ``timeline`` when the chunk spans ``K*dt >= AUTO_COVERAGE_MARGIN *
+  p95(needed)``, where ``needed`` is the time a chunk must cover, from its observation until the
+  next chunk arrives (measured at each push as ``arrival - previous chunk's stamp``; before two
+  chunks have arrived, twice this chunk's latency); ``arrival`` otherwise.
+
+Whatever the execution, nothing of a chunk plays more than ``max_chunk_age_s`` after its
+observation.
 
 Overlap policies, for chunks in arrival order:
 
@@ -57,12 +75,13 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from openvla_ros.control.rotations import matrix_to_rotvec, rotvec_to_matrix, rpy_to_matrix
+from openvla_ros.control.rotations import matrix_to_rotvec, matrix_to_rpy, rotvec_to_matrix, rpy_to_matrix
 from openvla_ros.engines.base import ActionChunk
 from openvla_ros.vla.constants import DEFAULT_ACTION_DIM_NAMES
 
@@ -70,6 +89,16 @@ POLICY_REPLACE = "replace"
 POLICY_CROSSFADE = "crossfade"
 POLICY_ENSEMBLE = "ensemble"
 POLICIES = (POLICY_REPLACE, POLICY_CROSSFADE, POLICY_ENSEMBLE)
+
+EXECUTION_TIMELINE = "timeline"
+EXECUTION_ARRIVAL = "arrival"
+EXECUTION_AUTO = "auto"
+EXECUTIONS = (EXECUTION_AUTO, EXECUTION_TIMELINE, EXECUTION_ARRIVAL)
+# auto keeps the latency-compensated timeline only while chunks span this much more than the time
+# they must cover (jitter headroom); below it, chunks are executed from their arrival.
+AUTO_COVERAGE_MARGIN = 1.2
+# Pushes remembered for the p95 of the time a chunk must cover.
+COVERAGE_WINDOW = 20
 
 STATE_OK = "ok"
 STATE_UNDERRUN = "underrun"
@@ -158,6 +187,7 @@ class PushResult:
     reason: str  # "accepted" or one of the REJECT_* reasons
     detail: str = ""
     trimmed_s: float = 0.0  # seconds of the chunk already in the past on arrival
+    execution: str | None = None  # how an accepted chunk is placed: timeline | arrival
 
     def __bool__(self) -> bool:
         return self.accepted
@@ -174,15 +204,18 @@ class _Entry:
     angular: np.ndarray  # (K, 3) rad/s
     gripper: np.ndarray | None  # (K,)
     extras: np.ndarray  # (K, E)
-    start: float  # max(stamp, arrival): earlier parts were already past
-    end: float  # min(stamp + K*dt, stamp + max_age)
+    origin: float  # where action 0 starts: the stamp (timeline) or the arrival (arrival execution)
+    start: float  # max(origin, arrival): earlier parts were already past
+    end: float  # min(origin + K*dt, stamp + max_age): the end of the plan
+    hold_end: float  # the last action's velocity continues until here (== end unless holding)
+    execution: str
 
     def index_at(self, t: float) -> int:
         k = self.linear.shape[0]
-        return min(k - 1, max(0, int(math.floor((t - self.stamp) / self.dt))))
+        return min(k - 1, max(0, int(math.floor((t - self.origin) / self.dt))))
 
     def covers(self, t: float) -> bool:
-        return self.start <= t < self.end
+        return self.start <= t < self.hold_end
 
 
 @dataclass
@@ -195,6 +228,7 @@ class _Value:
     extras: np.ndarray
     newest: _Entry
     sources: int
+    held: bool = False  # the value continues a finished chunk's last action (arrival hold)
 
 
 class ChunkBuffer:
@@ -204,13 +238,17 @@ class ChunkBuffer:
                  ensemble_decay: float = 0.01, max_chunk_age_s: float = 2.0,
                  max_future_s: float = 0.5, control_period_s: float | None = None,
                  mapping: ActionMapping | None = None, extra_dims: Sequence[str] | None = None,
-                 initial_gripper: float | None = None,
+                 initial_gripper: float | None = None, execution: str = EXECUTION_TIMELINE,
+                 arrival_hold_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         for name, value, minimum in (("crossfade_window_s", crossfade_window_s, 0.0),
                                      ("max_chunk_age_s", max_chunk_age_s, 1e-9),
-                                     ("max_future_s", max_future_s, 0.0)):
+                                     ("max_future_s", max_future_s, 0.0),
+                                     ("arrival_hold_s", arrival_hold_s, 0.0)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
                 raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
         if not (isinstance(ensemble_decay, (int, float)) and math.isfinite(ensemble_decay)):
@@ -220,6 +258,8 @@ class ChunkBuffer:
         if initial_gripper is not None and not math.isfinite(initial_gripper):
             raise ValueError(f"initial_gripper must be finite, got {initial_gripper!r}")
         self.policy = policy
+        self.execution = execution
+        self.arrival_hold_s = float(arrival_hold_s)
         self.crossfade_window_s = float(crossfade_window_s) if policy == POLICY_CROSSFADE else 0.0
         self.ensemble_decay = float(ensemble_decay)
         self.max_chunk_age_s = float(max_chunk_age_s)
@@ -244,6 +284,10 @@ class ChunkBuffer:
         self._underrun_ticks = 0
         self._last_latency_s: float | None = None
         self._last_trimmed_s = 0.0
+        self._last_execution: str | None = None
+        self._previous_stamp: float | None = None  # observation stamp of the last accepted chunk, this epoch
+        self._needed_s: deque[float] = deque(maxlen=COVERAGE_WINDOW)
+        self._held_ticks = 0
 
     # ------------------------------------------------------------------ epochs and state
     @property
@@ -277,6 +321,7 @@ class ChunkBuffer:
         self._entries.clear()
         self._epoch += 1
         self._newest_stamp = -math.inf
+        self._previous_stamp = None
         if not self._stopped:
             self._state = STATE_UNDERRUN
 
@@ -315,15 +360,32 @@ class ChunkBuffer:
             return PushResult(False, REJECT_FUTURE, f"stamp {stamp - now:.3f} s in the future")
         if stamp <= self._newest_stamp:
             return PushResult(False, REJECT_OUT_OF_ORDER, f"stamp {stamp} <= newest {self._newest_stamp}")
-        entry = self._make_entry(chunk, now)
+        execution = self._choose_execution_locked(chunk, now)
+        entry = self._make_entry(chunk, now, execution)
         if entry.end <= now:
             return PushResult(False, REJECT_EXPIRED, "every action is already in the past")
+        for older in self._entries:  # a newer chunk ends every hold at its arrival
+            older.hold_end = max(older.end, min(older.hold_end, entry.start))
         self._entries.append(entry)
         self._newest_stamp = stamp
+        self._previous_stamp = stamp
+        self._last_execution = execution
         self._prune_locked(now - _PRUNE_LAG_S)
-        return PushResult(True, "accepted", trimmed_s=max(0.0, now - stamp))
+        trimmed = max(0.0, now - entry.origin)
+        return PushResult(True, "accepted", trimmed_s=trimmed, execution=execution)
 
-    def _make_entry(self, chunk: ActionChunk, now: float) -> _Entry:
+    def _choose_execution_locked(self, chunk: ActionChunk, now: float) -> str:
+        """Record how long this chunk's predecessor had to cover and pick this chunk's execution."""
+        latency = max(0.0, now - float(chunk.stamp))
+        if self._previous_stamp is not None:
+            self._needed_s.append(now - self._previous_stamp)
+        if self.execution != EXECUTION_AUTO:
+            return self.execution
+        needed = float(np.percentile(self._needed_s, 95)) if self._needed_s else 2.0 * latency
+        span = chunk.chunk_len * float(chunk.dt)
+        return EXECUTION_TIMELINE if span >= AUTO_COVERAGE_MARGIN * needed else EXECUTION_ARRIVAL
+
+    def _make_entry(self, chunk: ActionChunk, now: float, execution: str) -> _Entry:
         names = chunk.dim_names
         acts = chunk.actions
         dt = float(chunk.dt)
@@ -345,9 +407,13 @@ class ChunkBuffer:
         extras = acts[:, [names.index(n) for n in self._extra_names]] if self._extra_names else \
             np.zeros((acts.shape[0], 0))
         stamp = float(chunk.stamp)
+        origin = max(stamp, now) if execution == EXECUTION_ARRIVAL else stamp
+        oldest_allowed = stamp + self.max_chunk_age_s
+        end = min(origin + chunk.chunk_len * dt, oldest_allowed)
+        hold_end = min(end + self.arrival_hold_s, oldest_allowed) if execution == EXECUTION_ARRIVAL else end
         return _Entry(seq=self._next_seq(), stamp=stamp, dt=dt, linear=pos / dt, angular=rotvecs / dt,
-                      gripper=gripper, extras=extras, start=max(stamp, now),
-                      end=min(stamp + chunk.chunk_len * dt, stamp + self.max_chunk_age_s))
+                      gripper=gripper, extras=extras, origin=origin, start=max(origin, now), end=end,
+                      hold_end=max(end, hold_end), execution=execution)
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -356,14 +422,14 @@ class ChunkBuffer:
     def _prune_locked(self, now: float) -> None:
         """Drop entries that cannot affect any time >= ``now``."""
         if self.policy == POLICY_ENSEMBLE:
-            self._entries = [e for e in self._entries if e.end > now]
+            self._entries = [e for e in self._entries if e.hold_end > now]
             return
         # Replace/crossfade: once an entry is fully faded in, everything older is superseded.
         for k in range(len(self._entries) - 1, -1, -1):
             if self._entries[k].start + self.crossfade_window_s <= now:
                 self._entries = self._entries[k:]
                 break
-        if self._entries and all(e.end <= now for e in self._entries):
+        if self._entries and all(e.hold_end <= now for e in self._entries):
             self._entries = []
 
     # ------------------------------------------------------------------ timeline evaluation
@@ -382,17 +448,17 @@ class ChunkBuffer:
             grip = None
             if covering[0].gripper is not None:
                 grip = float(sum(w * e.gripper[i] for w, e, i in zip(weights, covering, idx)))
-            return _Value(lin, ang, grip, ext, covering[-1], len(covering))
+            return _Value(lin, ang, grip, ext, covering[-1], len(covering), any(t >= e.end for e in covering))
         value: _Value | None = None
         for e in self._entries:  # fold in arrival order: each newer entry supersedes after fading in
             if t < e.start:
                 continue
-            if t >= e.end:
+            if t >= e.hold_end:
                 value = None
                 continue
             i = e.index_at(t)
             new = _Value(e.linear[i], e.angular[i], None if e.gripper is None else float(e.gripper[i]),
-                         e.extras[i], e, 1)
+                         e.extras[i], e, 1, t >= e.end)
             alpha = 1.0 if self.crossfade_window_s <= 0 else min(1.0, (t - e.start) / self.crossfade_window_s)
             if value is None or alpha >= 1.0:
                 value = new
@@ -402,16 +468,17 @@ class ChunkBuffer:
                     grip = (1 - alpha) * value.gripper + alpha * new.gripper
                 value = _Value((1 - alpha) * value.linear + alpha * new.linear,
                                (1 - alpha) * value.angular + alpha * new.angular, grip,
-                               (1 - alpha) * value.extras + alpha * new.extras, e, value.sources + 1)
+                               (1 - alpha) * value.extras + alpha * new.extras, e, value.sources + 1,
+                               value.held or new.held)
         return value
 
     def _breakpoints(self, t_start: float, t_end: float) -> list[float]:
         points = {t_start, t_end}
         for e in self._entries:
-            candidates = [e.start, e.end, e.start + self.crossfade_window_s]
-            first = max(0, int(math.floor((t_start - e.stamp) / e.dt)))
-            last = int(math.ceil((t_end - e.stamp) / e.dt))
-            candidates.extend(e.stamp + i * e.dt for i in range(first, last + 1))
+            candidates = [e.start, e.end, e.hold_end, e.start + self.crossfade_window_s]
+            first = max(0, int(math.floor((t_start - e.origin) / e.dt)))
+            last = min(int(math.ceil((t_end - e.origin) / e.dt)), e.linear.shape[0])
+            candidates.extend(e.origin + i * e.dt for i in range(first, last + 1))
             points.update(p for p in candidates if t_start < p < t_end)
         return sorted(points)
 
@@ -436,42 +503,87 @@ class ChunkBuffer:
 
     def sample_interval(self, t_start: float, t_end: float) -> ControlCommand:
         """The constant twist reproducing the timeline's motion over ``[t_start, t_end)``."""
-        if not (math.isfinite(t_start) and math.isfinite(t_end) and t_end > t_start):
-            raise ValueError(f"sample interval must be finite with t_end > t_start, got [{t_start}, {t_end})")
+        _check_interval(t_start, t_end)
         with self._lock:
             if self._stopped:
                 return self._finish_locked(np.zeros(3), np.zeros(3), None, t_start, t_end, 0.0)
-            points = self._breakpoints(t_start, t_end)
-            displacement = np.zeros(3)
-            rotation = np.eye(3)
-            covered = 0.0
-            last_value = None
-            for a, b in zip(points[:-1], points[1:]):
-                length = b - a
-                if length < _MIN_PIECE_S:
-                    continue
-                mid = self._value_at(0.5 * (a + b))
-                if mid is None:
-                    continue
-                covered += length
-                last_value = mid
-                if self.policy == POLICY_CROSSFADE and self._in_window(a, b):
-                    lin_int = np.zeros(3)
-                    ang_int = np.zeros(3)
-                    for node, weight in zip(_GAUSS_NODES, _GAUSS_WEIGHTS):
-                        v = self._value_at(a + node * length)
-                        lin_int += weight * length * v.linear
-                        ang_int += weight * length * v.angular
-                else:
-                    lin_int = mid.linear * length
-                    ang_int = mid.angular * length
-                displacement += lin_int
-                rotation = rotvec_to_matrix(ang_int) @ rotation  # base frame: later pieces on the left
+            displacement, rotation, covered, last_value = self._integrate_locked(t_start, t_end)
             duration = t_end - t_start
             if last_value is None:
                 return self._finish_locked(np.zeros(3), np.zeros(3), None, t_start, t_end, 0.0)
             return self._finish_locked(displacement / duration, matrix_to_rotvec(rotation) / duration,
                                        last_value, t_start, t_end, min(1.0, covered / duration))
+
+    def _integrate_locked(self, t_start: float, t_end: float):
+        """(displacement, rotation matrix, seconds covered, value at the last covered piece) over the interval."""
+        points = self._breakpoints(t_start, t_end)
+        displacement = np.zeros(3)
+        rotation = np.eye(3)
+        covered = 0.0
+        last_value = None
+        for a, b in zip(points[:-1], points[1:]):
+            length = b - a
+            if length < _MIN_PIECE_S:
+                continue
+            mid = self._value_at(0.5 * (a + b))
+            if mid is None:
+                continue
+            covered += length
+            last_value = mid
+            if self.policy == POLICY_CROSSFADE and self._in_window(a, b):
+                lin_int = np.zeros(3)
+                ang_int = np.zeros(3)
+                for node, weight in zip(_GAUSS_NODES, _GAUSS_WEIGHTS):
+                    v = self._value_at(a + node * length)
+                    lin_int += weight * length * v.linear
+                    ang_int += weight * length * v.angular
+            else:
+                lin_int = mid.linear * length
+                ang_int = mid.angular * length
+            displacement += lin_int
+            rotation = rotvec_to_matrix(ang_int) @ rotation  # base frame: later pieces on the left
+        return displacement, rotation, covered, last_value
+
+    def planned_actions(self, t_start: float, steps: int, dt: float, dim_names: Sequence[str]) -> np.ndarray:
+        """The motion the timeline will execute over ``steps`` periods of ``dt`` from ``t_start``, as
+        actions in ``dim_names`` (deltas per period, the mapping's rotation format; the gripper and
+        other dims as absolute values at the end of each period, held ones where nothing plays).
+
+        These are the actions already committed when an observation at ``t_start`` is sent to the
+        model: a chunk decoded with them as its prefix continues the motion the arm is making.
+        Reads the timeline without changing the buffer's state or counters.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+            raise ValueError(f"dt must be a positive number of seconds, got {dt!r}")
+        names = list(dim_names)
+        missing = [n for n in self.mapping.required if n not in names]
+        if missing:
+            raise ValueError(f"dim_names {names} lack the mapped dims {missing}")
+        out = np.zeros((int(steps), len(names)))
+        with self._lock:
+            for i in range(int(steps)):
+                a = float(t_start) + i * dt
+                _check_interval(a, a + dt)
+                value = None
+                if not self._stopped:
+                    displacement, rotation, _, value = self._integrate_locked(a, a + dt)
+                    out[i, [names.index(n) for n in self.mapping.position]] = displacement
+                    if self.mapping.rotation_format == ROTATION_RPY:
+                        rotation_delta = matrix_to_rpy(rotation)
+                    else:
+                        rotation_delta = matrix_to_rotvec(rotation)
+                    out[i, [names.index(n) for n in self.mapping.rotation]] = rotation_delta
+                absolute = dict(self._held_extras) if value is None else \
+                    {n: float(x) for n, x in zip(self._extra_names, value.extras)}
+                gripper = self._held_gripper if value is None or value.gripper is None else value.gripper
+                if self.mapping.gripper is not None and gripper is not None:
+                    absolute[self.mapping.gripper] = gripper
+                for name, x in absolute.items():
+                    if name in names:
+                        out[i, names.index(name)] = x
+        return out
 
     def _in_window(self, a: float, b: float) -> bool:
         w = self.crossfade_window_s
@@ -488,6 +600,8 @@ class ChunkBuffer:
             self._underrun_ticks += 1
         else:
             state = STATE_OK
+            if value.held:
+                self._held_ticks += 1
             if value.gripper is not None:
                 self._held_gripper = value.gripper
             self._held_extras = {n: float(x) for n, x in zip(self._extra_names, value.extras)}
@@ -531,6 +645,10 @@ class ChunkBuffer:
             return {
                 "state": self._state,
                 "policy": self.policy,
+                "execution": self._last_execution or self.execution,
+                "execution_setting": self.execution,
+                "needed_s_p95": float(np.percentile(self._needed_s, 95)) if self._needed_s else None,
+                "held_ticks": self._held_ticks,
                 "epoch": self._epoch,
                 "depth_s": depth,
                 "depth_actions": actions,
@@ -545,6 +663,11 @@ class ChunkBuffer:
                 "last_trimmed_s": self._last_trimmed_s,
                 "gripper": self._held_gripper,
             }
+
+
+def _check_interval(t_start: float, t_end: float) -> None:
+    if not (math.isfinite(t_start) and math.isfinite(t_end) and t_end > t_start):
+        raise ValueError(f"sample interval must be finite with t_end > t_start, got [{t_start}, {t_end})")
 
 
 def integrate_commands(commands: Iterable[ControlCommand], position=None, rotation=None,

@@ -11,6 +11,11 @@ Scheduling modes:
 * ``threshold``: predict only while ``depth_fn()`` (seconds of actions left, e.g.
   `ChunkBuffer.depth_s`) is below ``threshold_s``; the worker re-checks every ``poll_s``.
 
+Committed prefix: with ``prefix_fn`` set, the worker asks it for the actions already committed
+for an observation (``prefix_fn(observation) -> (P, D) array or None``) and passes them to the
+engine as ``forced_prefix``, so a token model decodes its chunk as the continuation of the motion
+the arm makes while it thinks (real-time chunking); None decodes plainly.
+
 Errors: an exception from the engine, a result that is not an ActionChunk, or a chunk with
 NaN/inf counts as an error. After ``max_consecutive_errors`` in a row the worker enters
 ``failed`` (the caller should hold position: no chunks arrive, so the buffer underruns), reports
@@ -79,7 +84,8 @@ def _serve_engine(factory: Callable[[], Any], conn) -> None:
     try:
         engine = factory()
         conn.send(("ready", {"name": engine.name, "dim_names": list(engine.dim_names), "dt": engine.dt,
-                             "chunk_len": engine.chunk_len, "info": engine.info()}))
+                             "chunk_len": engine.chunk_len, "info": engine.info(),
+                             "supports_forced_prefix": bool(getattr(engine, "supports_forced_prefix", False))}))
     except Exception as exc:  # reported to the parent, which raises it
         conn.send(("error", f"engine factory failed: {type(exc).__name__}: {exc}"))
         return
@@ -90,9 +96,9 @@ def _serve_engine(factory: Callable[[], Any], conn) -> None:
             return
         if request[0] == "close":
             return
-        _, image, instruction, stamp, unnorm_key = request
+        _, image, instruction, stamp, unnorm_key, extra = request
         try:
-            conn.send(("ok", engine.predict(image, instruction, stamp=stamp, unnorm_key=unnorm_key)))
+            conn.send(("ok", engine.predict(image, instruction, stamp=stamp, unnorm_key=unnorm_key, **extra)))
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -130,6 +136,7 @@ class ProcessEngine:
         self.dim_names = payload["dim_names"]
         self.dt = payload["dt"]
         self.chunk_len = payload["chunk_len"]
+        self.supports_forced_prefix = payload["supports_forced_prefix"]
         self._info = payload["info"]
 
     def _receive(self, timeout: float | None):
@@ -157,13 +164,13 @@ class ProcessEngine:
         return None if self._proc is None else self._proc.pid
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None) -> ActionChunk:
+                unnorm_key: str | None = None, **extra) -> ActionChunk:
         if self._proc is None or not self._proc.is_alive():
             if self._proc is not None:
                 self._reap()
             self._start()
         try:
-            self._conn.send(("predict", image, instruction, stamp, unnorm_key))
+            self._conn.send(("predict", image, instruction, stamp, unnorm_key, extra))
         except (BrokenPipeError, OSError) as exc:
             raise EngineProcessError(f"engine process exited (code {self._reap()})") from exc
         kind, payload = self._receive(None)
@@ -193,7 +200,8 @@ class InferenceWorker:
                  threshold_s: float = 0.2, depth_fn: Callable[[], float] | None = None,
                  max_consecutive_errors: int = 3, backoff_s: float = 1.0, use_process: bool = False,
                  unnorm_key: str | None = None, poll_s: float = 0.005, stats_window: int = 100,
-                 on_error: Callable[[BaseException, str], Any] | None = None):
+                 on_error: Callable[[BaseException, str], Any] | None = None,
+                 prefix_fn: Callable[[Observation], np.ndarray | None] | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == MODE_THRESHOLD and depth_fn is None:
@@ -217,7 +225,11 @@ class InferenceWorker:
             engine = ProcessEngine(engine)
         elif not hasattr(engine, "predict"):
             raise ValueError(f"engine must have predict(image, instruction, stamp=, unnorm_key=), got {engine!r}")
+        if prefix_fn is not None and not getattr(engine, "supports_forced_prefix", False):
+            raise ValueError(f"engine {getattr(engine, 'name', engine)!r} cannot decode with a forced prefix "
+                             "(supports_forced_prefix is False)")
         self.engine = engine
+        self._prefix_fn = prefix_fn
         self._on_chunk = on_chunk
         self._on_error = on_error
         self._clock = clock
@@ -240,6 +252,7 @@ class InferenceWorker:
         self._counts = {"submitted": 0, "dropped": 0, "predictions": 0, "chunks": 0, "errors": 0,
                         "non_finite": 0, "failures": 0, "recoveries": 0, "callback_errors": 0,
                         "threshold_waits": 0}
+        self._last_forced_steps = 0  # committed steps the last chunk was decoded after
         self._last_error: str | None = None
         self._done_times: deque[float] = deque(maxlen=stats_window)
         self._predict_ms: deque[float] = deque(maxlen=stats_window)
@@ -347,7 +360,10 @@ class InferenceWorker:
     def _predict_one(self, obs: Observation) -> None:
         started = self._clock()
         try:
-            chunk = self.engine.predict(obs.image, obs.instruction, stamp=obs.stamp, unnorm_key=self.unnorm_key)
+            prefix = None if self._prefix_fn is None else self._prefix_fn(obs)
+            extra = {} if prefix is None or len(prefix) == 0 else {"forced_prefix": prefix}
+            chunk = self.engine.predict(obs.image, obs.instruction, stamp=obs.stamp, unnorm_key=self.unnorm_key,
+                                        **extra)
             if not isinstance(chunk, ActionChunk):
                 raise TypeError(f"engine returned {type(chunk).__name__}, not an ActionChunk")
             if not chunk.is_finite:
@@ -368,6 +384,7 @@ class InferenceWorker:
             self._predict_ms.append(1000.0 * (done - started))
             self._latency_ms.append(1000.0 * (done - obs.stamp))
             self._last_timings = dict(chunk.timings_ms)
+            self._last_forced_steps = int(getattr(chunk, "forced_steps", 0) or 0)
             for stage, ms in chunk.timings_ms.items():
                 self._stage_ms.setdefault(stage, deque(maxlen=self._done_times.maxlen)).append(float(ms))
             stopping = self._stopping
@@ -407,6 +424,11 @@ class InferenceWorker:
                 logger.exception("on_error callback failed")
 
     # ------------------------------------------------------------------ status
+    def latency_p95_s(self) -> float | None:
+        """p95 of the observation-to-chunk latency over the statistics window (None before any chunk)."""
+        with self._cond:
+            return float(np.percentile(self._latency_ms, 95)) / 1000.0 if self._latency_ms else None
+
     def status(self) -> dict:
         with self._cond:
             done = list(self._done_times)
@@ -430,5 +452,6 @@ class InferenceWorker:
                 "latency_ms_p50": pct(self._latency_ms, 50),
                 "latency_ms_p95": pct(self._latency_ms, 95),
                 "timings_ms": dict(self._last_timings),
+                "forced_steps": self._last_forced_steps,
                 "timings_ms_mean": {k: float(np.mean(v)) for k, v in self._stage_ms.items()},
             }

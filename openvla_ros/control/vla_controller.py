@@ -7,6 +7,11 @@ good input recovers on its own. Twists that pass are clamped to the configured s
 (each of the linear and angular vectors is scaled down as a whole, keeping its direction). The
 clock is injected so tests drive time.
 
+Execution: ``execution`` is the buffer's (auto | timeline | arrival, see `chunk_buffer`) or
+``prefix``: the latency-compensated timeline with real-time chunking, where each observation is
+decoded with the actions the arm will execute before its chunk can arrive (the buffer's plan over
+`committed_steps` periods, from the worker's p95 latency) forced as the chunk's first tokens.
+
 Camera freshness is judged by the newest valid frame's stamp: when it is older than
 ``stale_image_timeout_s`` the arm holds and the plan is flushed (a new epoch), so when frames
 return the arm follows chunks computed from them, never the rest of a plan made before the gap.
@@ -23,7 +28,7 @@ import numpy as np
 
 from openvla_ros.engines.base import ActionChunk
 
-from .chunk_buffer import STATE_OK, STATE_UNDERRUN, ChunkBuffer, ControlCommand, PushResult
+from .chunk_buffer import EXECUTION_TIMELINE, EXECUTIONS, STATE_OK, STATE_UNDERRUN, ChunkBuffer, ControlCommand, PushResult
 from .inference_worker import STATE_FAILED, InferenceWorker, Observation
 
 logger = logging.getLogger(__name__)
@@ -34,6 +39,25 @@ GRIPPER_IDENTITY = "identity"
 GRIPPER_SIGNED = "signed"
 GRIPPER_BINARY = "binary"
 GRIPPER_MODES = (GRIPPER_IDENTITY, GRIPPER_SIGNED, GRIPPER_BINARY)
+
+EXECUTION_PREFIX = "prefix"
+EXECUTION_CHOICES = EXECUTIONS + (EXECUTION_PREFIX,)
+
+
+def buffer_execution(execution: str) -> str:
+    """The chunk buffer's execution for a controller execution (prefix plays the plain timeline)."""
+    if execution not in EXECUTION_CHOICES:
+        raise ValueError(f"execution must be one of {EXECUTION_CHOICES}, got {execution!r}")
+    return EXECUTION_TIMELINE if execution == EXECUTION_PREFIX else execution
+
+
+def committed_steps(latency_s: float | None, chunk_len: int, dt: float) -> int:
+    """Actions of ``dt`` the arm executes before a chunk answered ``latency_s`` after its frame lands,
+    capped so the model still decodes at least one free action (0 before any latency is known)."""
+    if latency_s is None or not math.isfinite(latency_s) or latency_s <= 0:
+        return 0
+    return max(0, min(int(chunk_len) - 1, math.ceil(latency_s / dt - 1e-9)))
+
 
 # Why the arm holds; "ok" when it follows the model.
 STATE_FOLLOWING = "ok"
@@ -113,7 +137,7 @@ class VlaController:
                  stale_image_timeout_s: float = 0.5, start_enabled: bool = False,
                  gripper_mode: str = GRIPPER_IDENTITY, gripper_invert: bool = False,
                  max_linear_speed: float = math.inf, max_angular_speed: float = math.inf,
-                 worker_options: dict | None = None,
+                 worker_options: dict | None = None, forced_prefix: bool = False,
                  on_chunk: Callable[[ActionChunk, int, PushResult], None] | None = None):
         self.stale_image_timeout_s = stale_image_timeout_s  # validated by the setter
         for name, value in (("max_linear_speed", max_linear_speed), ("max_angular_speed", max_angular_speed)):
@@ -130,6 +154,8 @@ class VlaController:
         options = dict(worker_options or {})
         if options.get("mode") == "threshold":
             options.setdefault("depth_fn", buffer.depth_s)
+        if forced_prefix:
+            options["prefix_fn"] = self._committed_prefix
         self.worker = InferenceWorker(engine, self._on_chunk, clock=clock, on_error=self._on_error, **options)
         self.enabled = bool(start_enabled)
         self.stopped = False
@@ -294,6 +320,13 @@ class VlaController:
             logger.debug("chunk rejected: %s %s", result.reason, result.detail)
         if self._chunk_listener is not None:
             self._chunk_listener(chunk, epoch, result)
+
+    def _committed_prefix(self, observation) -> np.ndarray | None:
+        engine = self.worker.engine
+        steps = committed_steps(self.worker.latency_p95_s(), engine.chunk_len, engine.dt)
+        if steps == 0:
+            return None
+        return self.buffer.planned_actions(observation.stamp, steps, engine.dt, engine.dim_names)
 
     def _on_error(self, exc: BaseException, state: str) -> None:
         self.last_error = f"engine error ({state}): {exc}"

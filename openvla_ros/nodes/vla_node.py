@@ -14,8 +14,9 @@ import threading
 
 from ..control.chunk_buffer import POLICIES, ActionMapping, ChunkBuffer
 from ..control.periodic import PeriodicLoop
-from ..control.vla_controller import (GRIPPER_MODES, HOLD_DISABLED, HOLD_NO_INSTRUCTION, HOLD_STOPPED, HOLD_UNDERRUN,
-                                      STATE_FOLLOWING, VlaController)
+from ..control.vla_controller import (EXECUTION_CHOICES, EXECUTION_PREFIX, GRIPPER_MODES, HOLD_DISABLED,
+                                      HOLD_NO_INSTRUCTION, HOLD_STOPPED, HOLD_UNDERRUN, STATE_FOLLOWING, VlaController,
+                                      buffer_execution)
 from ..imaging import decode_compressed_image, image_fields_to_rgb
 from .params import ParamSpec, declare_parameters
 
@@ -37,6 +38,14 @@ PARAMS = [
     ParamSpec("base_frame", "base_link", "frame_id of the output twists (the arm's base frame)"),
     ParamSpec("control_rate_hz", 100.0, "rate of the twist stream", "Hz", min=1.0, max=1000.0, read_only=True),
     ParamSpec("status_rate_hz", 2.0, "rate of /vla/status and /diagnostics", "Hz", min=0.1, max=50.0, read_only=True),
+    ParamSpec("execution", "auto", "how chunks meet the inference latency: timeline (latency-compensated: the part "
+              "of a chunk older than its arrival is dropped), arrival (played whole from its arrival, the last "
+              "action's velocity held until the next chunk), auto (timeline while chunks outlast the time to the "
+              "next answer, else arrival; the choice is in /vla/status buffer.execution), prefix (timeline, each "
+              "chunk decoded with the actions committed during its latency forced as its first tokens; "
+              "engines with supports_forced_prefix)", choices=EXECUTION_CHOICES, read_only=True),
+    ParamSpec("arrival_hold_s", 1.0, "arrival execution: longest the last action's velocity continues while the "
+              "next chunk is awaited (then the arm holds)", "s", min=0.0, max=10.0, read_only=True),
     ParamSpec("blend_policy", "replace", "how overlapping chunks combine", choices=POLICIES, read_only=True),
     ParamSpec("crossfade_window_s", 0.1, "crossfade length", "s", min=0.0, max=5.0, read_only=True),
     ParamSpec("ensemble_decay", 0.01, "ensemble weight exp(-decay*i), i=0 oldest", min=-10.0, max=10.0, read_only=True),
@@ -75,11 +84,13 @@ def build_controller(params: dict, engine, clock, on_chunk=None) -> VlaControlle
     buffer = ChunkBuffer(policy=params["blend_policy"], crossfade_window_s=params["crossfade_window_s"],
                          ensemble_decay=params["ensemble_decay"], max_chunk_age_s=params["max_chunk_age_s"],
                          control_period_s=1.0 / params["control_rate_hz"],
+                         execution=buffer_execution(params["execution"]), arrival_hold_s=params["arrival_hold_s"],
                          mapping=ActionMapping(), clock=clock)
     return VlaController(engine, buffer, clock=clock, stale_image_timeout_s=params["stale_image_timeout_s"],
                          start_enabled=params["start_enabled"], gripper_mode=params["gripper_mode"],
                          gripper_invert=params["gripper_invert"], max_linear_speed=params["max_linear_speed"],
                          max_angular_speed=params["max_angular_speed"], on_chunk=on_chunk,
+                         forced_prefix=params["execution"] == EXECUTION_PREFIX,
                          worker_options={"mode": params["inference_mode"], "threshold_s": params["refill_threshold_s"],
                                          "max_consecutive_errors": params["max_consecutive_errors"],
                                          "backoff_s": params["error_backoff_s"],
