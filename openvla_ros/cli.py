@@ -5,6 +5,7 @@
     openvla-ros bench engine --checkpoint DIR [--engine all|NAME...] [--json]
     openvla-ros eval bag --checkpoint DIR [DIR...] --bags PATH [PATH...] --out DIR [--truth-topic T]
     openvla-ros eval topics BAG
+    openvla-ros eval latency --checkpoint DIR [--latencies 0.05,0.1,...|--latency-file F] [--strategies ...] --out DIR
     openvla-ros train (--checkpoint CKPT | --from-scratch) --data BAGS... --out DIR
     openvla-ros bench ik|control [--json]
     openvla-ros bench train [--steps N] [--batch-size B] [--lora-rank R | --full] [--num-workers N] [--threads T] [--json]
@@ -204,6 +205,43 @@ def cmd_eval_bag(args) -> int:
     return 0
 
 
+def _csv_list(text: str, convert=str, what: str = "value") -> tuple:
+    try:
+        return tuple(convert(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--{what}: expected a comma-separated list, got {text!r}") from None
+
+
+def cmd_eval_latency(args) -> int:
+    from .demo import DemoConfig, checkpoint_center_crop, eval_seed
+    from .sim.latency_sweep import SweepConfig, read_latency_file, run_latency_sweep, sweep_markdown, write_sweep_report
+
+    config = SweepConfig(
+        latencies_s=_csv_list(args.latencies, float, "latencies"),
+        measured_latencies_s=read_latency_file(args.latency_file) if args.latency_file else (),
+        strategies=_csv_list(args.strategies, str, "strategies"), geometries=_csv_list(args.geometries, str, "geometries"),
+        episodes=args.episodes, max_seconds=args.max_seconds, jitter_seed=args.jitter_seed).validated()
+    if args.engine != "remote" and args.checkpoint is None:
+        raise ValueError(f"--checkpoint is required with --engine {args.engine}")
+    if args.checkpoint is not None and not args.center_crop:
+        args.center_crop = checkpoint_center_crop(args.checkpoint, False)
+    engine = _engine_from_args(args)
+    seeds = [eval_seed(DemoConfig(), i) for i in range(config.episodes)]
+    cells_total = len(config.geometries) * len(config.latency_axis) * len(config.strategies)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=cells_total * config.episodes, desc="latency sweep", unit="episode", file=sys.stderr) as progress:
+        def on_episode(geometry, latency, strategy):
+            progress.update(1)
+            progress.set_postfix_str(f"{geometry} L={latency} {strategy}")
+
+        cells = run_latency_sweep(engine, seeds, config, on_episode=on_episode)
+    paths = write_sweep_report(cells, args.out, config, info={"checkpoint": args.checkpoint, "engine": engine.info()})
+    print(sweep_markdown(cells))
+    print(f"reports written under {args.out}: {', '.join(p for p in paths.values() if p)}")
+    return 0
+
+
 def cmd_eval_topics(args) -> int:
     from .eval.bags import list_topics
 
@@ -382,6 +420,24 @@ def build_parser() -> argparse.ArgumentParser:
     from .nodes.replay import add_replay_parser
 
     add_replay_parser(evaluation)
+    from .sim.latency_sweep import DEFAULT_LATENCIES_S, GEOMETRIES, STRATEGIES
+
+    p = evaluation.add_parser("latency", help="closed loop in simulation at several inference latencies, per "
+                              "execution strategy and chunk geometry (success, jerk, switch jumps; JSON, Markdown, plot)")
+    _add_engine_options(p)
+    p.add_argument("--out", default="runs/latency", help="output directory (default: runs/latency)")
+    p.add_argument("--latencies", default=",".join(f"{v:g}" for v in DEFAULT_LATENCIES_S),
+                   help="inference latencies in seconds, comma-separated (default: %(default)s)")
+    p.add_argument("--latency-file", default=None,
+                   help="measured latencies (s; JSON list or one per line): each call draws one (jitter modelled)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help="execution strategies, comma-separated (default: %(default)s)")
+    p.add_argument("--geometries", default=",".join(GEOMETRIES),
+                   help="chunk: the model's K actions; one_action: only the first (default: %(default)s)")
+    p.add_argument("--episodes", type=int, default=20, help="seeded scenes per cell (the demo's evaluation seeds)")
+    p.add_argument("--max-seconds", type=float, default=8.0, help="episode length in simulated seconds")
+    p.add_argument("--jitter-seed", type=int, default=0, help="seed of the draws from --latency-file")
+    p.set_defaults(func=cmd_eval_latency)
     p = evaluation.add_parser("topics", help="list a bag's topics, types and counts")
     p.add_argument("bag")
     p.set_defaults(func=cmd_eval_topics)

@@ -51,14 +51,16 @@ import threading
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from openvla_ros.vla.constants import DEFAULT_ACTION_DIM_NAMES, DEFAULT_CONTROL_PERIOD_S
+from openvla_ros.vla.constants import DEFAULT_CONTROL_PERIOD_S
 from openvla_ros.eval.report import json_ready, new_figure
+from openvla_ros.sim.closed_loop import (ClosedLoopEpisode, EngineSource, ExpertSource, closed_loop_episode,
+                                         closed_loop_scene, mean_cube_position)
 
 log = logging.getLogger(__name__)
 
@@ -847,192 +849,11 @@ def step_open_loop(run_dir: Path, config: DemoConfig, record: dict, train: dict,
 # 4. closed loop (in-process: engine -> ChunkBuffer -> diff-IK -> scene, simulated time)
 
 
-@dataclass
-class ClosedLoopEpisode:
-    policy: str
-    seed: int
-    target: str  # the cube the instruction names
-    instruction: str
-    success: bool
-    reached_other: bool  # the tip came within the success radius of the other cube
-    time_to_success_s: float | None
-    min_distance_m: float
-    final_distance_m: float
-    calls: int  # policy (model) calls
-    latencies_ms: list[float]
-    ticks: int
-    underrun_ticks: int  # ticks with nothing to play
-    steady_underrun_ticks: int  # ... after the first chunk arrived
-    ik_statuses: dict
-    tip_path: list  # (x, y, z) at each control period boundary
-
-    def brief(self) -> dict:
-        out = asdict(self)
-        out.pop("latencies_ms")
-        return out
-
-
-class _ChunkSource:
-    """A policy for the closed loop: (scene, image or None, instruction, stamp) -> ActionChunk."""
-
-    needs_image = False
-    timed = False  # whether its wall time is the chunk's latency (model calls)
-
-    def __call__(self, scene, image, instruction: str, stamp: float):
-        raise NotImplementedError
-
-
-class EngineSource(_ChunkSource):
-    """The trained model; `blank_image` feeds it a constant grey frame instead (image-blind baseline)."""
-
-    timed = True
-
-    def __init__(self, engine, blank_image: bool = False):
-        self.engine = engine
-        self.blank_image = blank_image
-        self.needs_image = not blank_image
-        self._blank = np.full((224, 224, 3), 128, dtype=np.uint8)
-
-    def __call__(self, scene, image, instruction, stamp):
-        return self.engine.predict(self._blank if self.blank_image else image, instruction, stamp=stamp)
-
-
-class ExpertSource(_ChunkSource):
-    """The scripted expert (true simulator state) or, with `aim`, a reach towards a fixed point."""
-
-    def __init__(self, aim: np.ndarray | None = None):
-        from openvla_ros.sim.expert import ReachExpert
-
-        self.expert = ReachExpert()
-        self.aim = None if aim is None else np.asarray(aim, dtype=float)
-
-    def __call__(self, scene, image, instruction, stamp):
-        from openvla_ros.engines.base import ActionChunk
-        from openvla_ros.sim.scene import target_from_instruction
-
-        goal = self.aim if self.aim is not None else scene.cube_position(target_from_instruction(instruction))
-        action = self.expert.action(scene.tip_position(), goal)
-        return ActionChunk(actions=action[None, :], dim_names=list(DEFAULT_ACTION_DIM_NAMES),
-                           dt=self.expert.control_period_s, stamp=stamp)
-
-
-def mean_cube_position(scene) -> np.ndarray:
-    (x0, y0), (x1, y1) = scene.cube_region
-    return np.array([(x0 + x1) / 2, (y0 + y1) / 2, scene.cube_size / 2])
-
-
-def closed_loop_episode(scene, kinematics, source: _ChunkSource, target: str, instruction: str, *,
-                        policy: str = "", seed: int = 0, max_seconds: float = 8.0, control_rate_hz: float = 100.0,
-                        replan_period_s: float = DEFAULT_CONTROL_PERIOD_S, sim_latency_s: float | None = None,
-                        check_period_s: float = DEFAULT_CONTROL_PERIOD_S, blend_policy: str = "replace",
-                        clock: Callable[[], float] = time.perf_counter,
-                        on_check_period: Callable[[object, np.ndarray], None] | None = None) -> ClosedLoopEpisode:
-    """Run `source` from the scene's current state in simulated time (see the module docstring).
-
-    Every tick of 1/control_rate_hz: deliver a chunk whose latency has elapsed to the buffer, ask
-    the source for a new chunk when a replan is due and none is in flight, sample the buffer over
-    the tick, integrate the twist with the IK and step the physics. Success (as in `run_episode`)
-    is checked at every `check_period_s` boundary. `on_check_period(scene, frame)` is called at the
-    start of every check period with the frame rendered there (which a replan due on the same tick
-    reuses), e.g. to record the states the policy visits.
-    """
-    from collections import Counter
-
-    from openvla_ros.control.chunk_buffer import STATE_UNDERRUN, ChunkBuffer
-    from openvla_ros.sim.scene import SUCCESS_RADIUS_M
-
-    period = 1.0 / control_rate_hz
-    physics_per_tick = round(period / scene.physics_dt)
-    if physics_per_tick < 1 or not math.isclose(physics_per_tick * scene.physics_dt, period, rel_tol=1e-6):
-        raise ValueError(f"control period {period} s is not a whole multiple of the physics step {scene.physics_dt} s")
-    check_every = round(check_period_s / period)
-    if check_every < 1 or not math.isclose(check_every * period, check_period_s, rel_tol=1e-6):
-        raise ValueError(f"check_period_s {check_period_s} is not a whole multiple of the control period {period}")
-    now = [0.0]
-    buffer = ChunkBuffer(policy=blend_policy, clock=lambda: now[0], control_period_s=period, initial_gripper=1.0)
-    epoch = buffer.epoch
-    other = next(c for c in scene.cube_colours if c != target)
-    q_cmd = scene.get_joint_positions()
-    pending = None  # (arrival time, chunk)
-    next_request = 0.0
-    statuses: Counter = Counter()
-    latencies: list[float] = []
-    calls = underruns = steady_underruns = 0
-    first_arrival = None
-    min_dist = scene.distance_to(target)
-    reached_other = scene.distance_to(other) <= SUCCESS_RADIUS_M
-    success, time_to_success = False, None
-    path = [scene.tip_position().tolist()]
-    n_ticks = int(math.floor(max_seconds / period + 1e-9))
-    tick = 0
-    for tick in range(1, n_ticks + 1):
-        t = now[0] = (tick - 1) * period
-        frame = None
-        if on_check_period is not None and (tick - 1) % check_every == 0:
-            frame = scene.render()
-            on_check_period(scene, frame)
-        if pending is not None and pending[0] <= t + 1e-9:
-            buffer.push(pending[1], epoch)
-            first_arrival = t if first_arrival is None else first_arrival
-            pending = None
-        if pending is None and t >= next_request - 1e-9:
-            image = (scene.render() if frame is None else frame) if source.needs_image else None
-            start = clock()
-            chunk = source(scene, image, instruction, t)
-            elapsed = clock() - start
-            calls += 1
-            if source.timed:
-                latencies.append(elapsed * 1e3)
-                latency = elapsed if sim_latency_s is None else sim_latency_s
-            else:
-                latency = 0.0
-            next_request = t + replan_period_s
-            if latency <= 0:
-                buffer.push(chunk, epoch)
-                first_arrival = t if first_arrival is None else first_arrival
-            else:
-                pending = (t + latency, chunk)
-        command = buffer.sample(t, period=period)
-        if command.state == STATE_UNDERRUN:
-            underruns += 1
-            if first_arrival is not None:
-                steady_underruns += 1
-        twist = np.concatenate([command.linear, command.angular])
-        if command.gripper is not None and math.isfinite(command.gripper):
-            scene.set_gripper(float(np.clip(command.gripper, 0.0, 1.0)))
-        result = kinematics.step(q_cmd, twist, period)
-        statuses[result.status.name] += 1
-        q_cmd = result.q_next
-        scene.set_joint_targets(q_cmd)
-        scene.step(physics_per_tick)
-        if tick % check_every == 0:
-            path.append(scene.tip_position().tolist())
-            dist = scene.distance_to(target)
-            min_dist = min(min_dist, dist)
-            reached_other = reached_other or scene.distance_to(other) <= SUCCESS_RADIUS_M
-            if dist <= SUCCESS_RADIUS_M:
-                success, time_to_success = True, tick * period
-                break
-    return ClosedLoopEpisode(
-        policy=policy, seed=seed, target=target, instruction=instruction, success=success,
-        reached_other=bool(reached_other), time_to_success_s=time_to_success, min_distance_m=float(min_dist),
-        final_distance_m=float(scene.distance_to(target)), calls=calls, latencies_ms=latencies, ticks=tick,
-        underrun_ticks=underruns, steady_underrun_ticks=steady_underruns, ik_statuses=dict(statuses), tip_path=path)
-
-
 def closed_loop_settings(config: DemoConfig) -> dict:
     """The `closed_loop_episode` keywords of a run: the evaluation's and the DAgger rollouts' loop."""
     return {"max_seconds": float(config.episode_seconds), "control_rate_hz": float(config.control_rate_hz),
             "replan_period_s": float(config.replan_period_s), "sim_latency_s": config.sim_latency_s,
             "blend_policy": config.blend_policy}
-
-
-def closed_loop_scene(seed: int, control_rate_hz: float):
-    """A scene whose physics step divides the control period (about the scene's default 240 Hz)."""
-    from openvla_ros.sim.scene import DEFAULT_PHYSICS_HZ, PandaScene
-
-    per_tick = max(1, math.ceil(DEFAULT_PHYSICS_HZ / control_rate_hz))
-    return PandaScene(seed, physics_dt=1.0 / (control_rate_hz * per_tick))
 
 
 def step_closed_loop(run_dir: Path, config: DemoConfig, train: dict, progress: _Progress,
