@@ -64,7 +64,7 @@ from openvla_ros.sim.closed_loop import (ClosedLoopEpisode, EngineSource, Expert
 
 log = logging.getLogger(__name__)
 
-STEPS = ("record", "train", "dagger", "open_loop", "closed_loop", "deploy_ros", "report")
+STEPS = ("record", "train", "dagger", "open_loop", "closed_loop", "latency", "deploy_ros", "report")
 DONE_FILE = "done.json"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
@@ -192,6 +192,12 @@ class DemoConfig:
     # ensembling) smooths the tiny model's noisy actions: with 10 Hz replanning 0.60 in process vs
     # 0.45 with "replace" at 5 Hz on the same model (issue #8 notes).
     blend_policy: str = "ensemble"
+    # The latency sweep of step latency (`openvla-ros eval latency` reduced): the model, and its first
+    # action alone as a one-action model, at these inference latencies per execution strategy, on
+    # the first latency_sweep_episodes evaluation scenes, back to back (0 episodes: off).
+    latency_sweep_latencies_s: tuple[float, ...] = (0.1, 0.3, 0.5)
+    latency_sweep_strategies: tuple[str, ...] = ("sync", "replace", "auto")
+    latency_sweep_episodes: int = 4
     sensitivity_frames: int | None = 20  # per held-out bag
     policies: tuple[str, ...] = POLICY_ORDER
     # torch intra-op threads during the run (restored afterwards). On a small CPU shared with the
@@ -247,6 +253,10 @@ class DemoConfig:
 
         if self.blend_policy not in BLEND_POLICIES:
             raise ValueError(f"blend_policy must be one of {BLEND_POLICIES}, got {self.blend_policy!r}")
+        if not isinstance(self.latency_sweep_episodes, (int, np.integer)) or self.latency_sweep_episodes < 0:
+            raise ValueError(f"latency_sweep_episodes must be an integer >= 0, got {self.latency_sweep_episodes!r}")
+        if self.latency_sweep_episodes:
+            self.latency_sweep_config().validated()
         if self.closed_loop_backend not in CLOSED_LOOP_BACKENDS:
             raise ValueError(f"closed_loop_backend must be one of {CLOSED_LOOP_BACKENDS}, got {self.closed_loop_backend!r}")
         if not self.ros_policies or any(p not in ROS_POLICIES for p in self.ros_policies):
@@ -254,6 +264,14 @@ class DemoConfig:
         if self.bringup_file and not Path(self.bringup_file).is_file():
             raise ValueError(f"bringup_file {self.bringup_file!r} does not exist")
         return self
+
+
+    def latency_sweep_config(self):
+        from openvla_ros.sim.latency_sweep import SweepConfig
+
+        return SweepConfig(latencies_s=tuple(self.latency_sweep_latencies_s),
+                           strategies=tuple(self.latency_sweep_strategies), episodes=int(self.latency_sweep_episodes),
+                           max_seconds=float(self.episode_seconds), control_rate_hz=float(self.control_rate_hz))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +304,12 @@ def step_inputs(config: DemoConfig) -> dict[str, dict]:
               **({"blend_policy": c["blend_policy"]} if c["blend_policy"] != "replace" else {})}
     deploy = {**model, **{k: c[k] for k in ("eval_episodes", "seed", "episode_seconds", "ros_policies")},
               "bringup_file": str(c["bringup_file"] or DEFAULT_BRINGUP_FILE)}
-    report = {"open_loop": open_loop, "closed_loop": closed, "deploy_ros": deploy}
+    latency = {**model, "seed": c["seed"], **{k: c[k] for k in ("latency_sweep_latencies_s", "latency_sweep_strategies",
+                                                               "latency_sweep_episodes", "episode_seconds",
+                                                               "control_rate_hz")}}
+    report = {"open_loop": open_loop, "closed_loop": closed, "deploy_ros": deploy, "latency": latency}
     return {"record": record, "train": train, "dagger": dagger, "open_loop": open_loop, "closed_loop": closed,
-            "deploy_ros": deploy, "report": report}
+            "latency": latency, "deploy_ros": deploy, "report": report}
 
 
 def _done_path(run_dir: Path, step: str) -> Path:
@@ -910,6 +931,25 @@ def step_closed_loop(run_dir: Path, config: DemoConfig, train: dict, progress: _
             "control_rate_hz": config.control_rate_hz, "episodes_file": str(out / "episodes.json")}
 
 
+def step_latency(run_dir: Path, config: DemoConfig, train: dict, progress: _Progress) -> dict:
+    """The latency sweep on the first evaluation scenes (sim.latency_sweep), written under latency/."""
+    from openvla_ros.sim.latency_sweep import run_latency_sweep, write_sweep_report
+
+    sweep = config.latency_sweep_config()
+    engine = make_engine(train["checkpoint"], train["center_crop"])
+    seeds = [eval_seed(config, i) for i in range(sweep.episodes)]
+    cells_total = len(sweep.geometries) * len(sweep.latency_axis) * len(sweep.strategies)
+    bar = progress.bar(cells_total * sweep.episodes, "latency sweep")
+    try:
+        cells = run_latency_sweep(engine, seeds, sweep,
+                                  on_episode=lambda *cell: bar.update(1) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    paths = write_sweep_report(cells, run_dir / "latency", sweep, info={"checkpoint": str(train["checkpoint"])})
+    return {**paths, "cells": [{k: v for k, v in asdict(c).items() if k != "runs"} for c in cells]}
+
+
 def _latency(values_ms: Sequence[float]) -> dict:
     from openvla_ros.eval.metrics import latency_stats
 
@@ -1372,7 +1412,7 @@ def plot_paths(episodes_file: str | Path, path: Path, n: int = 6) -> Path | None
 
 
 def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, closed: dict,
-                 dagger: dict | None = None) -> Path:
+                 dagger: dict | None = None, latency: dict | None = None) -> Path:
     plots_dir = run_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = {"success": plot_success(summary, plots_dir / "closed_loop_success.png"),
@@ -1435,6 +1475,22 @@ def write_report(run_dir: Path, summary: dict, train: dict, open_loop: dict, clo
     if plots["paths"]:
         lines += ["Tip paths seen from above (solid: instructed target; dashed: swapped instruction):", "",
                   f"![paths]({plots['paths'].relative_to(run_dir)})", ""]
+    if latency:
+        lines += ["## At other inference latencies (in process, back to back)", "",
+                  "Success per execution strategy; `one_action` plays only the first action of each chunk, "
+                  "as the released OpenVLA answers. Full tables (jerk, switch jumps, moving share): "
+                  f"[{Path(latency['report']).relative_to(run_dir)}]({Path(latency['report']).relative_to(run_dir)}).", ""]
+        latencies = list(dict.fromkeys(c["latency_s"] for c in latency["cells"]))
+        lines += ["| geometry | strategy | " + " | ".join(f"L = {v:g} s" for v in latencies) + " |",
+                  "|---|---|" + "---|" * len(latencies)]
+        by_key = {(c["geometry"], c["strategy"], c["latency_s"]): c for c in latency["cells"]}
+        for geometry, strategy in dict.fromkeys((c["geometry"], c["strategy"]) for c in latency["cells"]):
+            lines.append(f"| {geometry} | {strategy} | " + " | ".join(
+                fmt(by_key[(geometry, strategy, v)]["success"], 2) if (geometry, strategy, v) in by_key else "–"
+                for v in latencies) + " |")
+        if latency.get("plot"):
+            lines += ["", f"![latency sweep]({Path(latency['plot']).relative_to(run_dir)})"]
+        lines += [""]
     lines += ["## Training", ""]
     if dagger:
         lines += [f"DAgger: the trained model drove {dagger['rollout_episodes']} new episodes (reached its cube in "
@@ -1524,6 +1580,9 @@ def _run_steps(run_dir: Path, config: DemoConfig, prog: _Progress, run_step, tim
     closed = run_step("closed_loop", lambda: step_closed_loop(run_dir, config, model, prog, prog.clock))
     rates = ", ".join(f"{k} {v['success_rate']:.2f}" for k, v in closed["policies"].items())
     prog.say(f"closed loop success (in process): {rates}")
+    latency = None
+    if config.latency_sweep_episodes:
+        latency = run_step("latency", lambda: step_latency(run_dir, config, model, prog))
     deploy = None
     if config.closed_loop_backend == BACKEND_ROS:
         deploy = run_step("deploy_ros", lambda: step_deploy_ros(run_dir, config, model, prog, prog.clock))
@@ -1534,7 +1593,7 @@ def _run_steps(run_dir: Path, config: DemoConfig, prog: _Progress, run_step, tim
     def report():
         summary = build_summary(config, record, train, open_loop, closed, dict(timings), deploy, dagger)
         (run_dir / SUMMARY_FILE).write_text(json.dumps(json_ready(summary), indent=2) + "\n")
-        write_report(run_dir, summary, train, open_loop, closed, dagger)
+        write_report(run_dir, summary, train, open_loop, closed, dagger, latency)
         return {"summary": str(run_dir / SUMMARY_FILE), "report": str(run_dir / REPORT_FILE)}
 
     run_step("report", report)

@@ -14,7 +14,8 @@ from openvla_ros import demo
 from openvla_ros.demo import DONE_FILE, STEPS, DemoConfig, run_demo, step_inputs
 
 TINY = dict(episodes=3, held_out=1, eval_episodes=1, steps=2, batch_size=2, episode_seconds=3.0,
-            sensitivity_frames=2, chunk=2, augment=True, dagger_episodes=1, dagger_steps=2)
+            sensitivity_frames=2, chunk=2, augment=True, dagger_episodes=1, dagger_steps=2,
+            latency_sweep_episodes=1, latency_sweep_latencies_s=(0.3,), latency_sweep_strategies=("replace", "auto"))
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +466,16 @@ def test_parallel_recording_writes_the_same_episodes_with_random_starts(tmp_path
         first = np.array([first.x, first.y, first.z])
         expected = rest_tip if e["start_tip"] is None else np.asarray(e["start_tip"])
         np.testing.assert_allclose(first, expected, atol=5e-3)
+
+
+def test_the_latency_sweep_step_reports_every_cell_and_the_report_shows_it(tiny_run):
+    run_dir, _ = tiny_run
+    results = json.loads((run_dir / "latency" / "results.json").read_text())
+    cells = {(c["geometry"], c["strategy"]): c for c in results["cells"]}
+    assert set(cells) == {(g, s) for g in ("chunk", "one_action") for s in ("replace", "auto")}
+    # The first action alone, 0.3 s late, has expired under the plain timeline; auto plays it.
+    assert cells[("one_action", "replace")]["moving_fraction"] == 0.0
+    assert cells[("one_action", "auto")]["moving_fraction"] > 0.9
+    assert (run_dir / "latency" / "sweep.png").is_file() and (run_dir / "latency" / "report.md").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "## At other inference latencies" in report and "| one_action | auto |" in report
