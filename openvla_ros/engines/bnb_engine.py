@@ -148,9 +148,10 @@ class BnbEngine(TorchEngine):
     def info(self) -> dict:
         return {**super().info(), "engine": self.name, "quantisation": dict(self.settings)}
 
-    def decode(self, embeds: torch.Tensor) -> tuple[list[int], dict]:
+    def decode(self, embeds: torch.Tensor, n_tokens: int | None = None) -> tuple[list[int], dict]:
         t0 = self._clock()
-        tokens = hf_greedy_decode(self.model.language_model, embeds, self.pipeline.n_tokens)
+        n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
+        tokens = hf_greedy_decode(self.model.language_model, embeds, n)
         self._sync()
         elapsed = (self._clock() - t0) * 1e3
         return tokens, {"lm": elapsed}

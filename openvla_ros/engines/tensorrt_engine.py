@@ -201,6 +201,9 @@ class TensorRTEngine(PipelineBackedEngine):
     """`Engine` backend running TensorRT plans on one CUDA stream with device-resident KV caches."""
 
     name = "tensorrt"
+    # Forced tokens extend the prefill's input ids (within the plans' prompt profile); the decode
+    # steps then see the same cache lengths as without forcing, which the decode profile covers.
+    supports_forced_prefix = True
 
     def __init__(self, checkpoint_dir, trt_dir, *, unnorm_key: str | None = None, center_crop: bool = False,
                  rotate_180: bool = False, clock: Callable[[], float] = time.perf_counter):
@@ -261,18 +264,19 @@ class TensorRTEngine(PipelineBackedEngine):
             raise RuntimeError(f"TensorRT execution of {graph} failed")
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None):
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None):
         torch = self._torch
         clock = self._clock
         t0 = clock()
-        ids = self.pipeline.input_ids(instruction)
+        forced = self.pipeline.forced_prefix_tokens(forced_prefix, unnorm_key=unnorm_key)
+        ids = list(self.pipeline.input_ids(instruction)) + [int(t) for t in forced]
         if len(ids) > self.max_prompt_tokens:
-            raise ValueError(f"instruction gives {len(ids)} prompt tokens; the TensorRT plans were built for at most "
-                             f"{self.max_prompt_tokens} (build-trt --max-prompt-tokens)")
+            raise ValueError(f"instruction + {forced.size} forced tokens give {len(ids)} prompt tokens; the TensorRT "
+                             f"plans were built for at most {self.max_prompt_tokens} (build-trt --max-prompt-tokens)")
         pixels = self.pipeline.pixel_values(image)
         L, _, KV, _, D = self.plan["kv_keys_a"]["shape"]
         P = int(self.manifest["num_patches"])
-        n = self.pipeline.n_tokens
+        n = self.pipeline.free_tokens(forced)
         with torch.cuda.stream(self.stream):
             self.buffers["pixel_values"].copy_(pixels, non_blocking=False)
             prompt = self._view("prompt_ids", (1, len(ids)))
@@ -301,7 +305,8 @@ class TensorRTEngine(PipelineBackedEngine):
             result = tokens.cpu().tolist()  # the one device->host copy (synchronises the stream)
         t2 = clock()
         timings = {"preprocess": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
-        return self.pipeline.to_chunk(result, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings)
+        return self.pipeline.to_chunk(result, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings,
+                                      forced_tokens=forced)
 
 
 def create_tensorrt_engine(checkpoint, *, trt_dir=None, device: str | None = None, dtype: str | None = None,

@@ -1,0 +1,195 @@
+"""Prefix forcing: committed actions forced as a chunk's first tokens, the free rest decoded.
+
+Checked against the plain decode of the same model given the same prefix, computed independently:
+Hugging Face `generate()` on the multimodal embeddings with the forced tokens' embeddings appended,
+and a cache-free greedy loop (one full forward per token).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from openvla_ros.engines.base import ActionChunk, check_forced_prefix, supports_forced_prefix
+from openvla_ros.engines.torch_engine import TorchEngine
+
+from conftest import random_image
+
+INSTRUCTIONS = ["reach the red cube", "Pick up the blue cube", "open the drawer"]
+K, D = 4, 7  # the tiny chunk checkpoint's geometry
+
+
+@pytest.fixture(scope="module")
+def chunk_engine(tiny_chunk_checkpoint):
+    return TorchEngine(tiny_chunk_checkpoint)
+
+
+def committed_plan(engine, seed: int, steps: int) -> np.ndarray:
+    """A plan the arm could be executing: the first `steps` actions the model chose for another image."""
+    return engine.predict(random_image(100 + seed), INSTRUCTIONS[(seed + 1) % 3]).actions[:steps]
+
+
+def prompt_embeddings(engine, image, instruction) -> torch.Tensor:
+    """[BOS] + patches + prompt, without any forced tokens."""
+    pixel_values, ids = engine.prepare(image, instruction)
+    return engine.multimodal_embeddings(pixel_values, ids)
+
+
+def forced_embeddings(engine, forced_ids) -> torch.Tensor:
+    ids = torch.tensor([list(forced_ids)], dtype=torch.long)
+    return engine.model.language_model.get_input_embeddings()(ids)
+
+
+def generate_after(engine, image, instruction, forced_ids, n_free: int) -> list[int]:
+    """generate() on the prompt's embeddings with the forced tokens' embeddings appended."""
+    with torch.inference_mode():
+        embeds = torch.cat([prompt_embeddings(engine, image, instruction), forced_embeddings(engine, forced_ids)], dim=1)
+        return engine.reference_tokens(embeds, n_free)[0]
+
+
+def greedy_without_cache(engine, image, instruction, forced_ids, n_free: int) -> list[int]:
+    """One full forward over the whole sequence per new token: no KV cache, no generate()."""
+    lm = engine.model.language_model
+    with torch.inference_mode():
+        sequence = torch.cat([prompt_embeddings(engine, image, instruction), forced_embeddings(engine, forced_ids)], dim=1)
+        tokens = []
+        for _ in range(n_free):
+            token = int(lm(inputs_embeds=sequence).logits[0, -1].argmax())
+            tokens.append(token)
+            sequence = torch.cat([sequence, forced_embeddings(engine, [token])], dim=1)
+    return tokens
+
+
+def test_forced_tokens_are_the_committed_plans_bins(chunk_engine):
+    pipeline = chunk_engine.pipeline
+    image = random_image(1)
+    plan = chunk_engine.predict(image, "reach the red cube")
+    for steps in (1, 2, 3):
+        # A plan the model decoded maps back onto its own tokens (bin centres survive the round trip).
+        forced = pipeline.forced_prefix_tokens(plan.actions[:steps])
+        assert forced.tolist() == plan.tokens[:steps * D].tolist()
+        chunk = chunk_engine.predict(image, "reach the red cube", forced_prefix=plan.actions[:steps])
+        assert chunk.forced_tokens.tolist() == plan.tokens[:steps * D].tolist() and chunk.forced_steps == steps
+    # Arbitrary committed actions: normalised with the key's q01/q99, binned as training does.
+    stats = chunk_engine.checkpoint.action_stats("tiny_demo")
+    committed = np.array([[0.01, -0.015, 0.0, 0.05, -0.02, 0.09, 0.3]])
+    forced = pipeline.forced_prefix_tokens(committed)
+    expected = pipeline.action_tokenizer.encode(2 * (committed[0, :6] - stats.q01[:6]) / (stats.q99[:6] - stats.q01[:6]) - 1)
+    assert forced[:6].tolist() == expected.tolist()
+    # The gripper is unmasked: its value is tokenised as it is (0.3, not 2*0.3-1).
+    assert forced[6] == pipeline.action_tokenizer.encode(np.array([0.3]))[0]
+    assert forced[6] != pipeline.action_tokenizer.encode(np.array([-0.4]))[0]
+    # Beyond the statistics' range: clipped to the end bins.
+    far = pipeline.forced_prefix_tokens(np.array([[1.0, -1.0, 0, 0, 0, 0, 5.0]]))
+    first = pipeline.action_tokenizer.first_action_token
+    assert far[0] == first and far[1] == pipeline.action_tokenizer.vocab_size - 1 and far[6] == first
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_free_tokens_equal_generate_and_a_cache_free_greedy_loop_given_the_same_prefix(chunk_engine, steps):
+    for seed in range(2):
+        image, instruction = random_image(seed), INSTRUCTIONS[seed]
+        committed = committed_plan(chunk_engine, seed, steps)
+        chunk = chunk_engine.predict(image, instruction, forced_prefix=committed)
+        forced = chunk_engine.pipeline.forced_prefix_tokens(committed)
+        n_free = (K - steps) * D
+        assert chunk.tokens.shape == (n_free,)
+        assert chunk.tokens.tolist() == generate_after(chunk_engine, image, instruction, forced, n_free)
+        assert chunk.tokens.tolist() == greedy_without_cache(chunk_engine, image, instruction, forced, n_free)
+
+
+def test_forcing_the_models_own_plan_reproduces_its_continuation_and_another_plan_changes_it(chunk_engine):
+    changed = 0
+    for seed in range(4):
+        image, instruction = random_image(20 + seed), INSTRUCTIONS[seed % 3]
+        plain = chunk_engine.predict(image, instruction)
+        own = chunk_engine.predict(image, instruction, forced_prefix=plain.actions[:2])
+        assert own.tokens.tolist() == plain.tokens[2 * D:].tolist()
+        assert np.array_equal(own.actions, plain.actions[2:])
+        other = chunk_engine.predict(image, instruction, forced_prefix=committed_plan(chunk_engine, seed, 2))
+        changed += other.tokens.tolist() != plain.tokens[2 * D:].tolist()
+    assert changed > 0  # the forced tokens condition the free ones: the test above is not vacuous
+
+
+def test_the_chunks_timeline_starts_where_the_committed_actions_end(chunk_engine):
+    image = random_image(5)
+    committed = committed_plan(chunk_engine, 5, 3)
+    chunk = chunk_engine.predict(image, "reach the red cube", stamp=10.0, forced_prefix=committed)
+    assert chunk.chunk_len == K - 3 and chunk.actions.shape == (1, D) and chunk.normalised.shape == (1, D)
+    assert chunk.stamp == pytest.approx(10.0 + 3 * chunk.dt) and chunk.dt == 0.2
+    assert chunk.forced_steps == 3 and chunk.forced_tokens.shape == (3 * D,)
+    body = chunk.as_dict()
+    assert body["forced_steps"] == 3 and body["forced_tokens"] == chunk.forced_tokens.tolist()
+    assert body["stamp"] == chunk.stamp and len(body["tokens"]) == D
+    # actions are the un-normalised bin centres of the free tokens
+    stats = chunk_engine.checkpoint.action_stats("tiny_demo")
+    assert np.allclose(chunk.actions, stats.unnormalise(chunk_engine.pipeline.action_tokenizer.decode(chunk.tokens)[None]))
+    assert {"prefill", "decode", "total"} <= set(chunk.timings_ms)
+
+
+def test_no_prefix_or_an_empty_one_decodes_exactly_as_before(chunk_engine):
+    image = random_image(6)
+    plain = chunk_engine.predict(image, "open the drawer", stamp=2.0)
+    for prefix in (None, np.zeros((0, D)), []):
+        chunk = chunk_engine.predict(image, "open the drawer", stamp=2.0, forced_prefix=prefix)
+        assert chunk.tokens.tolist() == plain.tokens.tolist() and np.array_equal(chunk.actions, plain.actions)
+        assert chunk.stamp == 2.0 and chunk.forced_steps == 0 and chunk.forced_tokens is None
+        assert chunk.chunk_len == K
+    assert plain.as_dict()["forced_steps"] == 0 and plain.as_dict()["forced_tokens"] == []
+    with torch.inference_mode():
+        assert plain.tokens.tolist() == chunk_engine.reference_tokens(prompt_embeddings(chunk_engine, image, "open the drawer"))[0]
+
+
+@pytest.mark.parametrize("prefix, message", [
+    (np.zeros((4, D)), r"P = 4 steps.*P < K = 4"),
+    (np.zeros((9, D)), r"P = 9 steps"),
+    (np.zeros((2, 6)), r"\(P, 7\).*shape \(2, 6\)"),
+    (np.zeros(D), r"shape \(7,\)"),
+    (np.array([[0.0] * D, [0, 0, 0, np.nan, 0, 0, 0]]), r"non-finite value nan at step 1, dim 3"),
+    (np.array([[np.inf] + [0.0] * (D - 1)]), r"non-finite value inf at step 0, dim 0"),
+    ([["a"] * D], r"numeric \(P, D\) array"),
+])
+def test_bad_prefixes_are_refused_naming_the_value(chunk_engine, prefix, message):
+    with pytest.raises(ValueError, match=message):
+        chunk_engine.predict(random_image(0), "reach", forced_prefix=prefix)
+
+
+def test_a_one_action_model_accepts_only_an_empty_prefix(torch_engine):
+    assert supports_forced_prefix(torch_engine)
+    image = random_image(2)
+    assert torch_engine.predict(image, "reach", forced_prefix=np.zeros((0, D))).tokens.tolist() == \
+        torch_engine.predict(image, "reach").tokens.tolist()
+    with pytest.raises(ValueError, match=r"P = 1 steps.*P < K = 1"):
+        torch_engine.predict(image, "reach", forced_prefix=np.zeros((1, D)))
+
+
+def test_check_forced_prefix_and_chunk_fields():
+    assert check_forced_prefix(None, 4, 7).shape == (0, 7)
+    assert check_forced_prefix([[1, 2]], 2, 2).dtype == np.float64
+    with pytest.raises(ValueError, match="forced_steps must be an integer >= 0, got -1"):
+        ActionChunk(np.zeros((1, 2)), ["a", "b"], 0.1, forced_steps=-1)
+    assert not supports_forced_prefix(object())
+
+
+def test_onnx_engine_with_a_prefix_equals_the_torch_engine(tiny_chunk_checkpoint, chunk_engine, tmp_path):
+    from openvla_ros.engines.onnx_engine import OnnxEngine
+    from openvla_ros.engines.onnx_export import export_onnx
+
+    export_onnx(tiny_chunk_checkpoint, tmp_path / "k4", optimize=False)
+    engine = OnnxEngine(tiny_chunk_checkpoint, tmp_path / "k4")
+    assert supports_forced_prefix(engine)
+    seen = set()
+    for seed in range(6):
+        steps = seed % 3 + 1
+        image, instruction = random_image(60 + seed), INSTRUCTIONS[seed % 3]
+        committed = committed_plan(chunk_engine, seed, steps)
+        ours = engine.predict(image, instruction, stamp=1.0, forced_prefix=committed)
+        reference = chunk_engine.predict(image, instruction, stamp=1.0, forced_prefix=committed)
+        assert ours.tokens.tolist() == reference.tokens.tolist(), seed
+        assert ours.forced_tokens.tolist() == reference.forced_tokens.tolist()
+        assert np.array_equal(ours.actions, reference.actions) and ours.stamp == reference.stamp
+        assert ours.forced_steps == steps and ours.chunk_len == K - steps
+        seen.add(tuple(ours.tokens.tolist()))
+    assert len(seen) > 1
+    with pytest.raises(ValueError, match=r"P = 4 steps"):
+        engine.predict(random_image(0), "reach", forced_prefix=np.zeros((4, D)))
