@@ -193,3 +193,139 @@ def test_onnx_engine_with_a_prefix_equals_the_torch_engine(tiny_chunk_checkpoint
     assert len(seen) > 1
     with pytest.raises(ValueError, match=r"P = 4 steps"):
         engine.predict(random_image(0), "reach", forced_prefix=np.zeros((4, D)))
+
+
+# Over HTTP: the /act server's optional forced_prefix field and the remote engine ------------------
+def _start(engine):
+    import threading
+
+    from openvla_ros.engines.server import make_server
+
+    server = make_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+def _post(url, fields: dict):
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + "/act", data=json.dumps(fields).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+class _PlainEngine:
+    """A real engine behind a wrapper that does not declare forced-prefix support."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, "plain"
+        self.dim_names, self.dt, self.chunk_len = engine.dim_names, engine.dt, engine.chunk_len
+
+    def info(self):
+        return self.engine.info()
+
+    def predict(self, image, instruction, **kwargs):
+        return self.engine.predict(image, instruction, **kwargs)
+
+
+def test_remote_engine_forces_a_prefix_through_the_server(chunk_engine):
+    from openvla_ros.engines.remote import RemoteEngine
+
+    server = _start(chunk_engine)
+    try:
+        remote = RemoteEngine(server.url)
+        assert supports_forced_prefix(remote)
+        for steps in (1, 3):
+            image = random_image(70 + steps)
+            committed = committed_plan(chunk_engine, steps, steps)
+            local = chunk_engine.predict(image, "reach the red cube", stamp=5.0, forced_prefix=committed)
+            chunk = remote.predict(image, "reach the red cube", stamp=5.0, forced_prefix=committed)
+            assert chunk.tokens.tolist() == local.tokens.tolist() and np.array_equal(chunk.actions, local.actions)
+            assert chunk.forced_steps == steps and chunk.forced_tokens.tolist() == local.forced_tokens.tolist()
+            assert chunk.stamp == pytest.approx(5.0 + steps * chunk.dt) and chunk.chunk_len == K - steps
+        plain = remote.predict(random_image(3), "reach the red cube", stamp=5.0)
+        assert plain.chunk_len == K and plain.stamp == 5.0 and plain.forced_steps == 0
+        with pytest.raises(ValueError, match="P = 4 steps"):  # refused before any request
+            remote.predict(random_image(3), "reach", forced_prefix=np.zeros((4, D)))
+        remote.close()
+    finally:
+        _stop(server)
+
+
+def test_server_refuses_bad_forced_prefixes_naming_the_field_and_keeps_serving(chunk_engine):
+    from openvla_ros.engines import json_numpy
+
+    server = _start(chunk_engine)
+    image = random_image(8, (32, 32, 3)).tolist()
+    nan = np.zeros((2, D))
+    nan[1, 2] = np.nan
+    cases = [
+        (np.zeros((4, D)).tolist(), "P = 4 steps"),
+        (np.zeros((2, 3)).tolist(), "shape (2, 3)"),
+        (json_numpy.encode_array(nan), "non-finite value nan at step 1, dim 2"),
+        ([["left"] * D], "must hold numbers"),
+        ([[0.0] * D, [0.0]], "not a rectangular"),
+        ("0.1, 0.2", "expected a json_numpy array or a nested list, got str"),
+        (json_numpy.encode_array(np.zeros((10000, D))), "exceeds 65536 bytes"),
+    ]
+    try:
+        for prefix, message in cases:
+            status, answer = _post(server.url, {"image": image, "instruction": "go", "forced_prefix": prefix})
+            assert status == 400 and answer["field"] == "forced_prefix" and message in answer["error"], answer
+            status, answer = _post(server.url, {"image": image, "instruction": "go", "return_chunk": True,
+                                                "forced_prefix": np.zeros((1, D)).tolist()})
+            assert status == 200 and answer["forced_steps"] == 1 and len(answer["tokens"]) == (K - 1) * D
+    finally:
+        _stop(server)
+
+
+def test_a_server_without_forced_prefix_support_is_never_sent_one(chunk_engine):
+    from openvla_ros.engines.remote import RemoteEngine
+
+    server = _start(_PlainEngine(chunk_engine))
+    try:
+        remote = RemoteEngine(server.url)
+        assert not supports_forced_prefix(remote)
+        with pytest.raises(ValueError, match="does not support forced_prefix"):
+            remote.predict(random_image(1), "reach", forced_prefix=np.zeros((1, D)))
+        assert remote.predict(random_image(1), "reach", forced_prefix=np.zeros((0, D))).chunk_len == K
+        status, answer = _post(server.url, {"image": random_image(1, (16, 16, 3)).tolist(), "instruction": "go",
+                                            "forced_prefix": [[0.0] * D]})
+        assert status == 400 and "plain engine cannot decode with a forced prefix" in answer["error"]
+        remote.close()
+    finally:
+        _stop(server)
+
+
+class _IgnoringEngine(_PlainEngine):
+    """Claims support but decodes as if no prefix had been sent (a server that drops the field)."""
+
+    supports_forced_prefix = True
+
+    def predict(self, image, instruction, **kwargs):
+        kwargs.pop("forced_prefix", None)
+        return self.engine.predict(image, instruction, **kwargs)
+
+
+def test_a_chunk_decoded_without_the_requested_prefix_is_refused(chunk_engine):
+    from openvla_ros.engines.remote import RemoteEngine, RemoteEngineError
+
+    server = _start(_IgnoringEngine(chunk_engine))
+    try:
+        remote = RemoteEngine(server.url)
+        with pytest.raises(RemoteEngineError, match="force 2 step.*forced_steps = 0"):
+            remote.predict(random_image(1), "reach", forced_prefix=np.zeros((2, D)))
+        remote.close()
+    finally:
+        _stop(server)
