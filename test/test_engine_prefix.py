@@ -329,3 +329,55 @@ def test_a_chunk_decoded_without_the_requested_prefix_is_refused(chunk_engine):
         remote.close()
     finally:
         _stop(server)
+
+
+# The bnb engines' decode path (module forwards + HF cache), and the GPU backends ------------------
+def test_hf_greedy_decode_after_the_forced_tokens_equals_the_torch_engines_free_tokens(chunk_engine):
+    from openvla_ros.engines.bnb_engine import hf_greedy_decode
+
+    for steps in (1, 2):
+        image = random_image(80 + steps)
+        committed = committed_plan(chunk_engine, steps, steps)
+        forced = chunk_engine.pipeline.forced_prefix_tokens(committed)
+        with torch.inference_mode():
+            embeds = chunk_engine.multimodal_embeddings(*chunk_engine.prepare(image, "reach the red cube", forced))
+        tokens = hf_greedy_decode(chunk_engine.model.language_model, embeds, (K - steps) * D)
+        assert tokens == chunk_engine.predict(image, "reach the red cube", forced_prefix=committed).tokens.tolist()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and _has("bitsandbytes")), reason="needs CUDA and bitsandbytes")
+def test_bnb4_engine_decodes_the_free_part_after_a_prefix(tiny_chunk_checkpoint, chunk_engine):
+    from openvla_ros.engines import create_engine
+
+    engine = create_engine("bnb4", tiny_chunk_checkpoint)
+    assert supports_forced_prefix(engine)
+    committed = committed_plan(chunk_engine, 0, 2)
+    chunk = engine.predict(random_image(0), "reach the red cube", stamp=1.0, forced_prefix=committed)
+    assert chunk.actions.shape == (K - 2, D) and chunk.stamp == pytest.approx(1.0 + 2 * chunk.dt) and chunk.is_finite
+    assert chunk.forced_tokens.tolist() == chunk_engine.pipeline.forced_prefix_tokens(committed).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and _has("tensorrt")), reason="needs CUDA and tensorrt")
+def test_tensorrt_fp32_with_a_prefix_equals_torch(tiny_chunk_checkpoint, chunk_engine, tmp_path):
+    from openvla_ros.engines import create_engine
+    from openvla_ros.engines.onnx_export import export_onnx
+    from openvla_ros.engines.tensorrt_engine import build_trt
+
+    export_onnx(tiny_chunk_checkpoint, tmp_path / "onnx")
+    build_trt(tiny_chunk_checkpoint, tmp_path / "onnx", tmp_path / "trt", precision="fp32", max_prompt_tokens=64)
+    engine = create_engine("tensorrt", tiny_chunk_checkpoint, trt_dir=tmp_path / "trt")
+    for seed in range(4):
+        steps = seed % 3
+        image = random_image(90 + seed)
+        committed = committed_plan(chunk_engine, seed, steps)
+        ours = engine.predict(image, "reach the red cube", forced_prefix=committed)
+        reference = chunk_engine.predict(image, "reach the red cube", forced_prefix=committed)
+        assert ours.tokens.tolist() == reference.tokens.tolist() and ours.forced_steps == steps
