@@ -381,3 +381,47 @@ def test_tensorrt_fp32_with_a_prefix_equals_torch(tiny_chunk_checkpoint, chunk_e
         ours = engine.predict(image, "reach the red cube", forced_prefix=committed)
         reference = chunk_engine.predict(image, "reach the red cube", forced_prefix=committed)
         assert ours.tokens.tolist() == reference.tokens.tolist() and ours.forced_steps == steps
+
+
+# Benchmark: forced tokens join the prefill, P*D decode steps fewer ---------------------------------
+def test_bench_forced_prefix_rows_and_refusals(chunk_engine, torch_engine):
+    from openvla_ros.engines.bench import bench_forced_prefix, bench_inputs, format_forced_prefix_table
+
+    inputs = bench_inputs(2, "reach the red cube")
+    result = bench_forced_prefix(chunk_engine, inputs, steps=[2], runs=1, warmup=0)
+    assert [(r["forced_steps"], r["forced_tokens"], r["decoded_tokens"]) for r in result["rows"]] == [(0, 0, 28), (2, 14, 14)]
+    assert result["rows"][0]["latency_ratio_to_plain"] == 1.0 and result["rows"][1]["latency_ms_p50"] > 0
+    assert "x plain" in format_forced_prefix_table(result)
+    with pytest.raises(ValueError, match=r"0\.\.3 \(P < K = 4\), got \[0, 4\]"):
+        bench_forced_prefix(chunk_engine, inputs, steps=[4])
+    with pytest.raises(ValueError, match=r"0\.\.0 \(P < K = 1\)"):
+        bench_forced_prefix(torch_engine, inputs, steps=[1])
+
+
+def test_cli_bench_engine_forced_steps(tiny_chunk_checkpoint, capsys):
+    import json
+
+    from openvla_ros.cli import main
+
+    assert main(["bench", "engine", "--checkpoint", str(tiny_chunk_checkpoint), "--forced-steps", "3",
+                 "--runs", "1", "--warmup", "0", "--images", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["benchmark"] == "forced_prefix" and [r["forced_steps"] for r in result["rows"]] == [0, 3]
+    assert main(["bench", "engine", "--checkpoint", str(tiny_chunk_checkpoint), "--forced-steps", "3",
+                 "--engine", "onnx"]) == 2
+    assert "--forced-steps [3] benches the torch engine alone; drop --engine ['onnx']" in capsys.readouterr().err
+
+
+@pytest.mark.bench
+def test_bench_decode_time_with_forced_steps_against_none(tiny_chunk_checkpoint):
+    """Printed (run with -s): p50 latency and language-model time with P = 0..3 forced steps on K = 4."""
+    import json
+
+    from openvla_ros.engines.bench import bench_forced_prefix, bench_inputs, format_forced_prefix_table
+
+    engine = TorchEngine(tiny_chunk_checkpoint)
+    result = bench_forced_prefix(engine, bench_inputs(3, "reach the red cube"), steps=[1, 2, 3], runs=30, warmup=3)
+    print(format_forced_prefix_table(result))
+    print(json.dumps(result["rows"]))
+    # Forcing 3 of 4 actions removes 21 of 27 decode steps; the language model must get cheaper.
+    assert result["rows"][-1]["lm_ratio_to_plain"] < 1.0
