@@ -24,6 +24,16 @@ def chunk_engine(tiny_chunk_checkpoint):
     return TorchEngine(tiny_chunk_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def chunk_onnx_engine(tiny_chunk_checkpoint, tmp_path_factory):
+    from openvla_ros.engines.onnx_engine import OnnxEngine
+    from openvla_ros.engines.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-prefix") / "k4"
+    export_onnx(tiny_chunk_checkpoint, out, optimize=False)  # unoptimised: twice as fast to export
+    return OnnxEngine(tiny_chunk_checkpoint, out)
+
+
 def committed_plan(engine, seed: int, steps: int) -> np.ndarray:
     """A plan the arm could be executing: the first `steps` actions the model chose for another image."""
     return engine.predict(random_image(100 + seed), INSTRUCTIONS[(seed + 1) % 3]).actions[:steps]
@@ -171,12 +181,8 @@ def test_check_forced_prefix_and_chunk_fields():
     assert not supports_forced_prefix(object())
 
 
-def test_onnx_engine_with_a_prefix_equals_the_torch_engine(tiny_chunk_checkpoint, chunk_engine, tmp_path):
-    from openvla_ros.engines.onnx_engine import OnnxEngine
-    from openvla_ros.engines.onnx_export import export_onnx
-
-    export_onnx(tiny_chunk_checkpoint, tmp_path / "k4", optimize=False)
-    engine = OnnxEngine(tiny_chunk_checkpoint, tmp_path / "k4")
+def test_onnx_engine_with_a_prefix_equals_the_torch_engine(chunk_onnx_engine, chunk_engine):
+    engine = chunk_onnx_engine
     assert supports_forced_prefix(engine)
     seen = set()
     for seed in range(6):
@@ -381,6 +387,9 @@ def test_tensorrt_fp32_with_a_prefix_equals_torch(tiny_chunk_checkpoint, chunk_e
         ours = engine.predict(image, "reach the red cube", forced_prefix=committed)
         reference = chunk_engine.predict(image, "reach the red cube", forced_prefix=committed)
         assert ours.tokens.tolist() == reference.tokens.tolist() and ours.forced_steps == steps
+        soft = engine.predict(image, "reach the red cube", forced_prefix=committed, prefix_soft_bins=1)
+        assert soft.tokens.tolist() == chunk_engine.predict(image, "reach the red cube", forced_prefix=committed,
+                                                            prefix_soft_bins=1).tokens.tolist()
 
 
 # Benchmark: forced tokens join the prefill, P*D decode steps fewer ---------------------------------
@@ -425,3 +434,87 @@ def test_bench_decode_time_with_forced_steps_against_none(tiny_chunk_checkpoint)
     print(json.dumps(result["rows"]))
     # Forcing 3 of 4 actions removes 21 of 27 decode steps; the language model must get cheaper.
     assert result["rows"][-1]["lm_ratio_to_plain"] < 1.0
+
+
+# Soft variant: the first P steps restricted to +-k bins of the committed plan ---------------------
+def masked_greedy_without_cache(engine, image, instruction, windows, n_tokens: int) -> list[int]:
+    """Cache-free greedy loop with every id outside windows[i] set to -inf for token i."""
+    lm = engine.model.language_model
+    with torch.inference_mode():
+        sequence = prompt_embeddings(engine, image, instruction)
+        tokens = []
+        for i in range(n_tokens):
+            logits = lm(inputs_embeds=sequence).logits[0, -1].clone()
+            if i < len(windows):
+                lo, hi = windows[i]
+                mask = torch.full_like(logits, float("-inf"))
+                mask[lo:hi + 1] = 0.0
+                logits = logits + mask
+            tokens.append(int(logits.argmax()))
+            sequence = torch.cat([sequence, forced_embeddings(engine, tokens[-1:])], dim=1)
+    return tokens
+
+
+def test_soft_prefix_keeps_the_first_steps_within_k_bins_and_equals_a_masked_greedy_loop(chunk_engine):
+    moved = 0
+    for seed in range(3):
+        steps, k = seed + 1, 2
+        image, instruction = random_image(110 + seed), INSTRUCTIONS[seed]
+        committed = committed_plan(chunk_engine, seed, steps)
+        plan_tokens = chunk_engine.pipeline.forced_prefix_tokens(committed)
+        chunk = chunk_engine.predict(image, instruction, stamp=4.0, forced_prefix=committed, prefix_soft_bins=k)
+        # All K actions, on the observation's own timeline: nothing was forced.
+        assert chunk.chunk_len == K and chunk.stamp == 4.0 and chunk.forced_steps == 0 and chunk.forced_tokens is None
+        head = chunk.tokens[:steps * D]
+        assert np.all(np.abs(head - plan_tokens) <= k), (head, plan_tokens)
+        windows = chunk_engine.pipeline.soft_prefix_windows(plan_tokens, k)
+        assert chunk.tokens.tolist() == masked_greedy_without_cache(chunk_engine, image, instruction, windows, K * D)
+        plain = chunk_engine.predict(image, instruction)
+        moved += plain.tokens[:steps * D].tolist() != head.tolist()
+    assert moved > 0  # the windows bound the choice: without them some step leaves them
+
+
+def test_soft_prefix_with_zero_bins_equals_forcing(chunk_engine):
+    for steps in (1, 3):
+        image = random_image(120 + steps)
+        committed = committed_plan(chunk_engine, steps, steps)
+        forced = chunk_engine.predict(image, "reach the red cube", forced_prefix=committed)
+        soft = chunk_engine.predict(image, "reach the red cube", forced_prefix=committed, prefix_soft_bins=0)
+        assert soft.tokens[:steps * D].tolist() == forced.forced_tokens.tolist()
+        assert soft.tokens[steps * D:].tolist() == forced.tokens.tolist()
+
+
+def test_soft_windows_stay_inside_the_action_bins_and_bad_widths_are_refused(chunk_engine):
+    pipeline = chunk_engine.pipeline
+    first, last = pipeline.action_tokenizer.first_action_token, pipeline.action_tokenizer.vocab_size - 1
+    assert pipeline.soft_prefix_windows([first, last, first + 10], 3) == [(first, first + 3), (last - 3, last),
+                                                                          (first + 7, first + 13)]
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"prefix_soft_bins must be an integer >= 0.*got {bad!r}"):
+            chunk_engine.predict(random_image(0), "reach", forced_prefix=np.zeros((1, D)), prefix_soft_bins=bad)
+    image = random_image(1)
+    assert chunk_engine.predict(image, "reach", prefix_soft_bins=3).tokens.tolist() == \
+        chunk_engine.predict(image, "reach").tokens.tolist()
+
+
+def test_onnx_soft_prefix_equals_torch(chunk_onnx_engine, chunk_engine):
+    engine = chunk_onnx_engine
+    for seed in range(3):
+        image = random_image(130 + seed)
+        committed = committed_plan(chunk_engine, seed, seed + 1)
+        ours = engine.predict(image, INSTRUCTIONS[seed], forced_prefix=committed, prefix_soft_bins=1)
+        reference = chunk_engine.predict(image, INSTRUCTIONS[seed], forced_prefix=committed, prefix_soft_bins=1)
+        assert ours.tokens.tolist() == reference.tokens.tolist() and ours.chunk_len == K
+
+
+def test_remote_refuses_the_soft_variant(chunk_engine):
+    from openvla_ros.engines.remote import RemoteEngine
+
+    server = _start(chunk_engine)
+    try:
+        remote = RemoteEngine(server.url)
+        with pytest.raises(ValueError, match="prefix_soft_bins=2: the /act protocol carries a forced prefix only"):
+            remote.predict(random_image(1), "reach", forced_prefix=np.zeros((1, D)), prefix_soft_bins=2)
+        remote.close()
+    finally:
+        _stop(server)

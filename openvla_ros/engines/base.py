@@ -96,6 +96,8 @@ class Engine(Protocol):
         `forced_prefix` (P, D), 0 <= P < chunk_len: actions in dataset units already committed for
         the first P steps after `stamp`. They are forced as the chunk's first tokens and the answer
         holds the K-P actions after them (stamp + P*dt). None or P == 0: plain decoding.
+        Local token backends also take `prefix_soft_bins=k`: nothing is forced, all K actions are
+        decoded from `stamp`, the first P restricted to +-k bins of the committed ones.
         """
         ...
 

@@ -81,15 +81,16 @@ class OnnxEngine(PipelineBackedEngine):
                 "dtype": self.manifest["dtype"], "opset": self.manifest.get("opset"), **self.pipeline.info()}
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None) -> ActionChunk:
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None) -> ActionChunk:
         clock = self._clock
         t0 = clock()
-        forced = self.pipeline.forced_prefix_tokens(forced_prefix, unnorm_key=unnorm_key)
+        forced, windows = self.pipeline.prefix_plan(forced_prefix, prefix_soft_bins, unnorm_key=unnorm_key)
         pixel_values, input_ids = self.prepare(image, instruction, forced)
         t1 = clock()
         image_embeds = self.image_embeds(pixel_values)
         t2 = clock()
-        tokens, lm_timings = self.decode(input_ids, image_embeds, self.pipeline.free_tokens(forced))
+        tokens, lm_timings = self.decode(input_ids, image_embeds, self.pipeline.free_tokens(forced), windows)
         t3 = clock()
         timings = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, **lm_timings, "total": (t3 - t0) * 1e3}
         return self.pipeline.to_chunk(tokens, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings,
@@ -115,20 +116,30 @@ class OnnxEngine(PipelineBackedEngine):
                              f"{n} action tokens exceeds the model's {self.max_positions} positions")
         return self.sessions["prefill"].run(None, {"input_ids": input_ids, "image_embeds": image_embeds})
 
-    def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray, n_tokens: int | None = None) -> tuple[list[int], dict]:
-        """Greedy `n_tokens` (default K*D) tokens after the prefill of `input_ids`."""
+    def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray, n_tokens: int | None = None,
+               windows: list[tuple[int, int]] | None = None) -> tuple[list[int], dict]:
+        """Greedy `n_tokens` (default K*D) tokens after the prefill of `input_ids`; token i among ids
+        windows[i] = (lo, hi) while there are windows."""
         n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
+        windows = list(windows or [])
+
+        def greedy(row, i):
+            if i >= len(windows):
+                return int(np.argmax(row))
+            lo, hi = windows[i]
+            return lo + int(np.argmax(row[lo:hi + 1]))
+
         clock = self._clock
         t0 = clock()
         logits, keys, values = self.prefill(input_ids, image_embeds, n)
-        token = int(np.argmax(logits[0]))
+        token = greedy(logits[0], 0)
         tokens = [token]
         t1 = clock()
         step = self.sessions["decode"]
-        for _ in range(n - 1):
+        for i in range(1, n):
             logits, keys, values = step.run(None, {"input_ids": np.array([[token]], dtype=np.int64),
                                                    "past_keys": keys, "past_values": values})
-            token = int(np.argmax(logits[0]))
+            token = greedy(logits[0], i)
             tokens.append(token)
         t2 = clock()
         return tokens, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "lm": (t2 - t0) * 1e3}

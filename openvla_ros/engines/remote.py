@@ -222,7 +222,11 @@ class RemoteEngine:
         return json.dumps(fields).encode()
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None) -> ActionChunk:
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None) -> ActionChunk:
+        if prefix_soft_bins is not None:
+            raise ValueError(f"prefix_soft_bins={prefix_soft_bins!r}: the /act protocol carries a forced prefix only, "
+                             "not the soft variant; use forcing or a local engine")
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")

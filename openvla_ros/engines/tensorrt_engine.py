@@ -264,11 +264,20 @@ class TensorRTEngine(PipelineBackedEngine):
             raise RuntimeError(f"TensorRT execution of {graph} failed")
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None):
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None):
         torch = self._torch
         clock = self._clock
         t0 = clock()
-        forced = self.pipeline.forced_prefix_tokens(forced_prefix, unnorm_key=unnorm_key)
+        forced, windows = self.pipeline.prefix_plan(forced_prefix, prefix_soft_bins, unnorm_key=unnorm_key)
+        windows = windows or []
+
+        def greedy(logits, i):
+            if i >= len(windows):
+                return logits.argmax()
+            lo, hi = windows[i]
+            return logits[lo:hi + 1].argmax() + lo
+
         ids = list(self.pipeline.input_ids(instruction)) + [int(t) for t in forced]
         if len(ids) > self.max_prompt_tokens:
             raise ValueError(f"instruction + {forced.size} forced tokens give {len(ids)} prompt tokens; the TensorRT "
@@ -290,7 +299,7 @@ class TensorRTEngine(PipelineBackedEngine):
                                   "present_keys": self._view(f"kv_keys_{side}", (L, 1, KV, length, D)),
                                   "present_values": self._view(f"kv_values_{side}", (L, 1, KV, length, D))})
             tokens = torch.empty(n, dtype=torch.int64, device=self.device)
-            tokens[0] = self.buffers["logits"][0].argmax()
+            tokens[0] = greedy(self.buffers["logits"][0], 0)
             for k in range(1, n):
                 self.buffers["step_ids"].view(-1).copy_(tokens[k - 1:k])
                 other = "b" if side == "a" else "a"
@@ -300,7 +309,7 @@ class TensorRTEngine(PipelineBackedEngine):
                                      "logits": self.buffers["logits"],
                                      "present_keys": self._view(f"kv_keys_{other}", (L, 1, KV, length + 1, D)),
                                      "present_values": self._view(f"kv_values_{other}", (L, 1, KV, length + 1, D))})
-                tokens[k] = self.buffers["logits"][0].argmax()
+                tokens[k] = greedy(self.buffers["logits"][0], k)
                 side, length = other, length + 1
             result = tokens.cpu().tolist()  # the one device->host copy (synchronises the stream)
         t2 = clock()

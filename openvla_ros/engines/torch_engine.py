@@ -4,7 +4,8 @@ One prefill over `[BOS] + image patches + prompt`, then greedy steps with a KV c
 exactly K*D tokens (no EOS stop, no sampling, no logits processors) — the same tokens as the
 Hugging Face `generate()` path (`reference_tokens`, used by tests and `openvla-ros bench engine`).
 With a forced prefix of P committed actions their P*D tokens follow the prompt in the same prefill
-(`[BOS] + patches + prompt + forced`) and only the (K-P)*D free tokens are decoded.
+(`[BOS] + patches + prompt + forced`) and only the (K-P)*D free tokens are decoded; with
+`prefix_soft_bins=k` instead all K*D are decoded, the first P*D restricted to +-k bins of the plan's.
 """
 from __future__ import annotations
 
@@ -62,17 +63,18 @@ class TorchEngine(PipelineBackedEngine):
         return {"engine": self.name, "device": self.device, "dtype": self.dtype_name, **self.pipeline.info()}
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None) -> ActionChunk:
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None) -> ActionChunk:
         clock = self._clock
         t0 = clock()
-        forced = self.pipeline.forced_prefix_tokens(forced_prefix, unnorm_key=unnorm_key)
+        forced, windows = self.pipeline.prefix_plan(forced_prefix, prefix_soft_bins, unnorm_key=unnorm_key)
         pixel_values, input_ids = self.prepare(image, instruction, forced)
         t1 = clock()
         with torch.inference_mode():
             embeds = self.multimodal_embeddings(pixel_values, input_ids)
             self._sync()
             t2 = clock()
-            tokens, lm_timings = self.decode(embeds, self.pipeline.free_tokens(forced))
+            tokens, lm_timings = self.decode(embeds, self.pipeline.free_tokens(forced), windows)
         t3 = clock()
         timings = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, **lm_timings, "total": (t3 - t0) * 1e3}
         return self.pipeline.to_chunk(tokens, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings,
@@ -94,9 +96,11 @@ class TorchEngine(PipelineBackedEngine):
         text = self.model.language_model.get_input_embeddings()(input_ids)
         return torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
 
-    def decode(self, embeds: torch.Tensor, n_tokens: int | None = None) -> tuple[list[int], dict]:
-        """Greedy `n_tokens` (default K*D) tokens: one prefill, then one cached step per token.
-        Returns tokens and timings."""
+    def decode(self, embeds: torch.Tensor, n_tokens: int | None = None,
+               windows: list[tuple[int, int]] | None = None) -> tuple[list[int], dict]:
+        """Greedy `n_tokens` (default K*D) tokens: one prefill, then one cached step per token; token
+        i is chosen among ids windows[i] = (lo, hi) while there are windows. Returns tokens and timings."""
+        windows = list(windows or [])
         n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
         needed = embeds.shape[1] + n
         if self._decoder is None or self._decoder.max_len < needed:
@@ -104,12 +108,12 @@ class TorchEngine(PipelineBackedEngine):
             self._decoder = LlamaGreedyDecoder(self.model.language_model, max_len=needed + 64)
         clock = self._clock
         t0 = clock()
-        token = self._decoder.prefill(embeds)
+        token = self._decoder.prefill(embeds, windows[0] if windows else None)
         tokens = [token]
         self._sync()
         t1 = clock()
-        for _ in range(n - 1):
-            token = self._decoder.step(token)
+        for i in range(1, n):
+            token = self._decoder.step(token, windows[i] if i < len(windows) else None)
             tokens.append(token)
         result = torch.cat(tokens, dim=1)[0].tolist()  # one device->host copy at the end
         t2 = clock()

@@ -64,6 +64,27 @@ class OpenVLAPipeline:
         _, stats = self.stats(unnorm_key)
         return self.action_tokenizer.encode(stats.normalise(prefix)).reshape(-1)
 
+    def prefix_plan(self, forced_prefix, prefix_soft_bins=None, *, unnorm_key: str | None = None):
+        """What a backend decodes for a committed prefix: (forced token ids, token windows).
+
+        Forcing (prefix_soft_bins None): the P*D ids go after the prompt, no windows. Soft
+        (prefix_soft_bins = k): nothing forced; the first P*D decoded tokens are restricted to
+        +-k bins of the committed ones (`soft_prefix_windows`). No prefix: neither.
+        """
+        forced = self.forced_prefix_tokens(forced_prefix, unnorm_key=unnorm_key)
+        if prefix_soft_bins is None:
+            return forced, None
+        windows = self.soft_prefix_windows(forced, prefix_soft_bins)
+        return np.zeros(0, dtype=np.int64), (windows or None)
+
+    def soft_prefix_windows(self, plan_tokens: np.ndarray, bins) -> list[tuple[int, int]]:
+        """For each planned token, the inclusive id range of the action bins within +-`bins` of it:
+        decoding restricted to these keeps the new chunk's first steps near the old plan."""
+        if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 0:
+            raise ValueError(f"prefix_soft_bins must be an integer >= 0 (bins either side of the plan), got {bins!r}")
+        first, last = self.action_tokenizer.first_action_token, self.action_tokenizer.vocab_size - 1
+        return [(max(first, int(t) - int(bins)), min(last, int(t) + int(bins))) for t in np.ravel(plan_tokens)]
+
     def free_tokens(self, forced_tokens: np.ndarray | None = None) -> int:
         """Tokens left to decode after `forced_tokens`: (K - P) x D."""
         return self.n_tokens - (0 if forced_tokens is None else int(np.size(forced_tokens)))
