@@ -2,7 +2,7 @@
 
     openvla-ros make-tiny-checkpoint OUT [--seed N] [--chunk K]
     openvla-ros predict --checkpoint DIR --image FILE --instruction TEXT [--json]
-    openvla-ros bench engine --checkpoint DIR [--engine all|NAME...] [--json]
+    openvla-ros bench engine --checkpoint DIR [--engine all|NAME... | --forced-steps P...] [--json]
     openvla-ros eval bag --checkpoint DIR [DIR...] --bags PATH [PATH...] --out DIR [--truth-topic T]
     openvla-ros eval topics BAG
     openvla-ros eval latency --checkpoint DIR [--latencies 0.05,0.1,...|--latency-file F] [--strategies ...] --out DIR
@@ -136,9 +136,19 @@ def cmd_bench_engine(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine and args.forced_steps is not None:
+        raise ValueError(f"--forced-steps {args.forced_steps} benches the torch engine alone; drop --engine {args.engine}")
     if args.engine:
         return _bench_backends(args)
     engine = TorchEngine(args.checkpoint, device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key)
+    if args.forced_steps is not None:
+        from .engines.bench import bench_forced_prefix, bench_inputs, format_forced_prefix_table
+
+        image = load_image_file(args.image) if args.image else None
+        result = bench_forced_prefix(engine, bench_inputs(args.images, args.instruction, image), args.forced_steps,
+                                     runs=args.runs, warmup=args.warmup)
+        print(json.dumps(result) if args.json else format_forced_prefix_table(result))
+        return 0
     image = load_image_file(args.image) if args.image else synthetic_scene()
     result = bench_engine(engine, image, args.instruction, runs=args.runs, warmup=args.warmup)
     if args.json:
@@ -379,7 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--engine", nargs="+", default=None, choices=engine_names() + ["all"], metavar="ENGINE",
                    help=f"backends to compare ({', '.join(engine_names())} or all); default: torch against generate()")
-    p.add_argument("--images", type=int, default=5, help="with --engine: synthetic scenes used (ignored with --image)")
+    p.add_argument("--images", type=int, default=5,
+                   help="with --engine or --forced-steps: synthetic scenes used (ignored with --image)")
+    p.add_argument("--forced-steps", type=int, nargs="+", default=None, metavar="P",
+                   help="torch engine: latency with P committed actions forced (prefix forcing) against none, "
+                        "e.g. --forced-steps 1 2 3 (each P < the chunk length)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--unnorm-key", default=None)

@@ -5,6 +5,8 @@ every engine backend side by side.
 tokens are identical, and speedups (reference time / ours) for the language-model part and the whole action.
 `bench_backends` (`--engine all|NAME...`): one row per backend on the same images: latency p50/p95,
 tokens/s, memory, and whether its tokens equal a float32 torch engine's.
+`bench_forced_prefix` (`--forced-steps P...`): the cost of decoding with P committed actions forced
+(their P*D tokens join the prefill, P*D decode steps fewer) against plain decoding, as ratios.
 """
 from __future__ import annotations
 
@@ -73,6 +75,71 @@ def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, ru
         "speedup_lm": ref_ms["lm"] / ours_ms["lm"],
         "speedup_total": ref_ms["total"] / ours_ms["total"],
     }
+
+
+def bench_forced_prefix(engine, inputs, steps=(0, 1, 2), *, runs: int = 20, warmup: int = 3,
+                        clock=time.perf_counter) -> dict:
+    """Per forced-step count P: median wall-clock and per-stage times of `engine.predict` with P
+    committed actions forced, and their ratios to P = 0 (always measured).
+
+    The committed actions of input i are the first P actions the engine chose for input i-1 (a
+    replan after the scene moved on). Runs are interleaved over P so machine load hits all alike.
+    """
+    from .base import supports_forced_prefix
+
+    if not supports_forced_prefix(engine):
+        raise ValueError(f"the {getattr(engine, 'name', '?')} engine does not support a forced prefix")
+    steps = sorted({0, *(int(p) for p in steps)})
+    if steps[0] < 0 or steps[-1] >= engine.chunk_len:
+        raise ValueError(f"forced steps must lie in 0..{engine.chunk_len - 1} (P < K = {engine.chunk_len}), got {steps}")
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    if not inputs:
+        raise ValueError("need at least one (image, instruction) input")
+    plans = [engine.predict(image, text).actions for image, text in inputs]
+    wall: dict[int, list[float]] = {p: [] for p in steps}
+    stages: dict[int, dict[str, list[float]]] = {p: {} for p in steps}
+    for r in range(warmup + runs):
+        i = r % len(inputs)
+        image, instruction = inputs[i]
+        for p in steps:
+            t0 = clock()
+            chunk = engine.predict(image, instruction, forced_prefix=plans[i - 1][:p])
+            elapsed = (clock() - t0) * 1e3
+            if r < warmup:
+                continue
+            wall[p].append(elapsed)
+            for stage, ms in chunk.timings_ms.items():
+                stages[p].setdefault(stage, []).append(ms)
+    n_dims = len(engine.dim_names)
+    rows = []
+    for p in steps:
+        medians = {stage: statistics.median(values) for stage, values in stages[p].items()}
+        rows.append({"forced_steps": p, "forced_tokens": p * n_dims, "decoded_tokens": (engine.chunk_len - p) * n_dims,
+                     "latency_ms_p50": statistics.median(wall[p]), "stages_ms_p50": medians})
+    base = rows[0]
+    for row in rows:
+        row["latency_ratio_to_plain"] = row["latency_ms_p50"] / base["latency_ms_p50"]
+        lm, lm0 = row["stages_ms_p50"].get("lm"), base["stages_ms_p50"].get("lm")
+        row["lm_ratio_to_plain"] = lm / lm0 if lm is not None and lm0 else None
+    return {"benchmark": "forced_prefix", "engine": engine.info(), "chunk_len": engine.chunk_len, "runs": runs,
+            "warmup": warmup, "images": len(inputs), "torch_threads": torch.get_num_threads(), "rows": rows,
+            "notes": ["latency: wall-clock around Engine.predict; lm: prefill + decode of the language model",
+                      "ratios: p50 with P forced steps / p50 of plain decoding (P = 0) on the same inputs"]}
+
+
+def format_forced_prefix_table(result: dict) -> str:
+    """The rows of `bench_forced_prefix` as an aligned text table."""
+    header = ["P", "forced tok", "decoded tok", "p50 ms", "prefill ms", "decode ms", "x plain", "lm x plain"]
+    lines = [[str(r["forced_steps"]), str(r["forced_tokens"]), str(r["decoded_tokens"]), f"{r['latency_ms_p50']:.2f}",
+              _fmt(r["stages_ms_p50"].get("prefill"), ".2f"), _fmt(r["stages_ms_p50"].get("decode"), ".2f"),
+              f"{r['latency_ratio_to_plain']:.3f}", _fmt(r["lm_ratio_to_plain"], ".3f")] for r in result["rows"]]
+    widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [header] + lines]
+    out.append(f"engine {result['engine'].get('engine')}, K = {result['chunk_len']}, {result['runs']} runs "
+               f"(+{result['warmup']} warmup) over {result['images']} image(s)")
+    out.extend("note: " + note for note in result["notes"])
+    return "\n".join(out)
 
 
 # Every backend on the same inputs (`bench engine --engine all|NAME...`) ----------------------------

@@ -24,6 +24,7 @@ from ..vla.model import load_model
 from ..vla.pipeline import OpenVLAPipeline
 from .torch_engine import TorchEngine, check_device, parse_dtype
 from .base import gpu_backend_unavailable_reason
+from .llama_decode import greedy
 
 BNB_BITS = {"bnb4": 4, "bnb8": 8}
 NF4_TYPES = ("nf4", "fp4")
@@ -102,16 +103,22 @@ def quantise_language_model(language_model: nn.Module, settings: dict, device: s
 
 
 @torch.inference_mode()
-def hf_greedy_decode(causal_lm, embeds: torch.Tensor, n_tokens: int) -> list[int]:
-    """Greedy `n_tokens` through the model's own forward with its KV cache (no EOS stop, no processors)."""
+def hf_greedy_decode(causal_lm, embeds: torch.Tensor, n_tokens: int, windows=None) -> list[int]:
+    """Greedy `n_tokens` through the model's own forward with its KV cache (no EOS stop, no processors);
+    token i among ids windows[i] = (lo, hi) while there are windows."""
+    windows = list(windows or [])
+
+    def window(i):
+        return windows[i] if i < len(windows) else None
+
     out = causal_lm(inputs_embeds=embeds, use_cache=True)
-    token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    token = greedy(out.logits[:, -1:], window(0))
     tokens = [token]
     cache = out.past_key_values
-    for _ in range(n_tokens - 1):
+    for i in range(1, n_tokens):
         out = causal_lm(input_ids=token, past_key_values=cache, use_cache=True)
         cache = out.past_key_values
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        token = greedy(out.logits[:, -1:], window(i))
         tokens.append(token)
     return torch.cat(tokens, dim=1)[0].tolist()
 
@@ -148,9 +155,10 @@ class BnbEngine(TorchEngine):
     def info(self) -> dict:
         return {**super().info(), "engine": self.name, "quantisation": dict(self.settings)}
 
-    def decode(self, embeds: torch.Tensor) -> tuple[list[int], dict]:
+    def decode(self, embeds: torch.Tensor, n_tokens: int | None = None, windows=None) -> tuple[list[int], dict]:
         t0 = self._clock()
-        tokens = hf_greedy_decode(self.model.language_model, embeds, self.pipeline.n_tokens)
+        n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
+        tokens = hf_greedy_decode(self.model.language_model, embeds, n, windows)
         self._sync()
         elapsed = (self._clock() - t0) * 1e3
         return tokens, {"lm": elapsed}

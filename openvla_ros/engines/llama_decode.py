@@ -87,12 +87,21 @@ class LlamaGreedyDecoder:
         self.length = end
         return _rms_norm(self.norm, hidden)
 
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Run the whole prompt (input embeddings [1, T, H]); returns the next greedy token [1, 1]."""
+    def prefill(self, embeds: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """Run the whole prompt (input embeddings [1, T, H]); returns the next greedy token [1, 1]
+        (among the ids lo..hi when `window` = (lo, hi) is given)."""
         self.length = 0
         hidden = self._stack(embeds)
-        return _linear(self.head, hidden[:, -1:, :]).argmax(dim=-1)
+        return greedy(_linear(self.head, hidden[:, -1:, :]), window)
 
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed one token [1, 1]; returns the next greedy token [1, 1]."""
-        return _linear(self.head, self._stack(self.embed(token))).argmax(dim=-1)
+    def step(self, token: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """Feed one token [1, 1]; returns the next greedy token [1, 1] (within `window` if given)."""
+        return greedy(_linear(self.head, self._stack(self.embed(token))), window)
+
+
+def greedy(logits: torch.Tensor, window: tuple[int, int] | None = None) -> torch.Tensor:
+    """argmax over the last axis, or over the ids lo..hi (inclusive) only: the rest masked out."""
+    if window is None:
+        return logits.argmax(dim=-1)
+    lo, hi = window
+    return logits[..., lo:hi + 1].argmax(dim=-1) + lo

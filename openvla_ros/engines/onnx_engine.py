@@ -3,6 +3,8 @@
 Pre- and post-processing are the shared `OpenVLAPipeline` (so actions equal the torch backend's for
 equal tokens); the checkpoint directory supplies tokenizer, statistics and the fingerprint the
 manifest is checked against. Execution providers: CPU, CUDA or TensorRT (onnxruntime's own).
+A forced prefix's tokens are appended to the prefill's input ids (the graph splices the patches
+after BOS, so the sequence is `[BOS] + patches + prompt + forced`); the loop decodes the rest.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class OnnxEngine(PipelineBackedEngine):
     """`Engine` backend running exported ONNX graphs with onnxruntime."""
 
     name = "onnx"
+    supports_forced_prefix = True
 
     def __init__(self, checkpoint_dir, onnx_dir, *, providers: Sequence[str] | None = None,
                  threads: int = 0, spin: bool = False, unnorm_key: str | None = None, center_crop: bool = False,
@@ -78,47 +81,65 @@ class OnnxEngine(PipelineBackedEngine):
                 "dtype": self.manifest["dtype"], "opset": self.manifest.get("opset"), **self.pipeline.info()}
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None) -> ActionChunk:
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None) -> ActionChunk:
         clock = self._clock
         t0 = clock()
-        pixel_values, input_ids = self.prepare(image, instruction)
+        forced, windows = self.pipeline.prefix_plan(forced_prefix, prefix_soft_bins, unnorm_key=unnorm_key)
+        pixel_values, input_ids = self.prepare(image, instruction, forced)
         t1 = clock()
         image_embeds = self.image_embeds(pixel_values)
         t2 = clock()
-        tokens, lm_timings = self.decode(input_ids, image_embeds)
+        tokens, lm_timings = self.decode(input_ids, image_embeds, self.pipeline.free_tokens(forced), windows)
         t3 = clock()
         timings = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, **lm_timings, "total": (t3 - t0) * 1e3}
-        return self.pipeline.to_chunk(tokens, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings)
+        return self.pipeline.to_chunk(tokens, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings,
+                                      forced_tokens=forced)
 
     # Stages ------------------------------------------------------------------------------------
-    def prepare(self, image, instruction) -> tuple[np.ndarray, np.ndarray]:
-        input_ids = self.pipeline.input_ids(instruction)
+    def prepare(self, image, instruction, forced_tokens=()) -> tuple[np.ndarray, np.ndarray]:
+        """pixel values and input ids [1, T] (the prompt, then `forced_tokens` when given)."""
+        input_ids = list(self.pipeline.input_ids(instruction)) + [int(t) for t in forced_tokens]
         pixel_values = self.pipeline.pixel_values(image).numpy().astype(self.dtype, copy=False)
         return pixel_values, np.asarray([input_ids], dtype=np.int64)
 
     def image_embeds(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.sessions["vision"].run(["image_embeds"], {"pixel_values": pixel_values})[0]
 
-    def prefill(self, input_ids: np.ndarray, image_embeds: np.ndarray):
-        """logits [1, V] of the last prompt position and the KV cache."""
-        needed = input_ids.shape[1] + image_embeds.shape[1] + self.pipeline.n_tokens
+    def prefill(self, input_ids: np.ndarray, image_embeds: np.ndarray, n_tokens: int | None = None):
+        """logits [1, V] of the last prompt position and the KV cache; `n_tokens` (default K*D) are
+        still to be decoded after it."""
+        n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
+        needed = input_ids.shape[1] + image_embeds.shape[1] + n
         if needed > self.max_positions:
             raise ValueError(f"prompt of {input_ids.shape[1]} tokens + {image_embeds.shape[1]} patches + "
-                             f"{self.pipeline.n_tokens} actions exceeds the model's {self.max_positions} positions")
+                             f"{n} action tokens exceeds the model's {self.max_positions} positions")
         return self.sessions["prefill"].run(None, {"input_ids": input_ids, "image_embeds": image_embeds})
 
-    def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray) -> tuple[list[int], dict]:
+    def decode(self, input_ids: np.ndarray, image_embeds: np.ndarray, n_tokens: int | None = None,
+               windows: list[tuple[int, int]] | None = None) -> tuple[list[int], dict]:
+        """Greedy `n_tokens` (default K*D) tokens after the prefill of `input_ids`; token i among ids
+        windows[i] = (lo, hi) while there are windows."""
+        n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
+        windows = list(windows or [])
+
+        def greedy(row, i):
+            if i >= len(windows):
+                return int(np.argmax(row))
+            lo, hi = windows[i]
+            return lo + int(np.argmax(row[lo:hi + 1]))
+
         clock = self._clock
         t0 = clock()
-        logits, keys, values = self.prefill(input_ids, image_embeds)
-        token = int(np.argmax(logits[0]))
+        logits, keys, values = self.prefill(input_ids, image_embeds, n)
+        token = greedy(logits[0], 0)
         tokens = [token]
         t1 = clock()
         step = self.sessions["decode"]
-        for _ in range(self.pipeline.n_tokens - 1):
+        for i in range(1, n):
             logits, keys, values = step.run(None, {"input_ids": np.array([[token]], dtype=np.int64),
                                                    "past_keys": keys, "past_values": values})
-            token = int(np.argmax(logits[0]))
+            token = greedy(logits[0], i)
             tokens.append(token)
         t2 = clock()
         return tokens, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "lm": (t2 - t0) * 1e3}

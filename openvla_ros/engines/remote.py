@@ -4,6 +4,8 @@ Works against deploy.py itself (answer: a bare json_numpy action; no /info, so t
 control period come from the arguments or the release defaults) and against `openvla-ros serve`
 (asked for `"return_chunk": true`, which deploy.py ignores, it also returns K x D chunks, tokens
 and server timings; /info supplies dims, dt and unnorm keys). Standard library only (http.client).
+A forced prefix travels as the optional `forced_prefix` field, only to servers whose /info says
+`supports_forced_prefix` (deploy.py would ignore it and answer a chunk on the wrong timeline).
 
 Transport failures (refused/reset connections, timeouts, 502/503/504) are retried with exponential
 back-off; answers that are errors (`{"error": ...}`, deploy.py's bare `"error"`, 4xx/500, non-JSON)
@@ -26,7 +28,7 @@ import numpy as np
 
 from ..vla.constants import DEFAULT_ACTION_DIM_NAMES, DEFAULT_CONTROL_PERIOD_S
 from . import json_numpy
-from .base import ActionChunk
+from .base import ActionChunk, check_forced_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class RemoteEngine:
         if not (math.isfinite(self.dt) and self.dt > 0):
             raise ValueError(f"dt must be a positive number of seconds, got {self.dt}")
         self.chunk_len = int(info.get("chunk_len") or 1)
+        self.supports_forced_prefix = bool(info.get("supports_forced_prefix", False))
         unnorm_keys = info.get("unnorm_keys")
         if unnorm_key is not None and unnorm_keys is not None and unnorm_key not in unnorm_keys:
             raise ValueError(f"unnorm_key {unnorm_key!r} is not known to the server at {self.url}; available: {unnorm_keys}")
@@ -205,31 +208,47 @@ class RemoteEngine:
                 "server_engine": server.get("engine"), "checkpoint": server.get("checkpoint"),
                 "checkpoint_fingerprint": server.get("checkpoint_fingerprint")}
 
-    def payload(self, image: np.ndarray, instruction: str, unnorm_key: str | None) -> bytes:
-        """The request body: deploy.py's fields (+ return_chunk, which deploy.py ignores)."""
+    def payload(self, image: np.ndarray, instruction: str, unnorm_key: str | None,
+                forced_prefix: np.ndarray | None = None) -> bytes:
+        """The request body: deploy.py's fields (+ return_chunk, which deploy.py ignores, and a
+        non-empty forced prefix)."""
         fields = {"image": json_numpy.encode_array(image), "instruction": instruction, "return_chunk": True}
         if unnorm_key is not None:
             fields["unnorm_key"] = unnorm_key
+        if forced_prefix is not None and np.size(forced_prefix):
+            fields["forced_prefix"] = json_numpy.encode_array(np.asarray(forced_prefix, dtype=np.float64))
         if self.encoded:
             return json.dumps({json_numpy.ENCODED_KEY: json.dumps(fields)}).encode()
         return json.dumps(fields).encode()
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None) -> ActionChunk:
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None) -> ActionChunk:
+        if prefix_soft_bins is not None:
+            raise ValueError(f"prefix_soft_bins={prefix_soft_bins!r}: the /act protocol carries a forced prefix only, "
+                             "not the soft variant; use forcing or a local engine")
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
         if not isinstance(instruction, str) or not instruction.strip():
             raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+        prefix = check_forced_prefix(forced_prefix, self.chunk_len, len(self.dim_names))
+        forced_steps = int(prefix.shape[0])
+        if forced_steps and not self.supports_forced_prefix:
+            raise ValueError(f"the server at {self.url} does not support forced_prefix (its /info does not say "
+                             "supports_forced_prefix: deploy.py, an older openvla-ros serve or an engine without it)")
         key = unnorm_key if unnorm_key is not None else self.unnorm_key
         t0 = self._clock()
-        body = self.payload(image, instruction, key)
+        body = self.payload(image, instruction, key, prefix)
         status, data = self.request("POST", "/act", body)
         t1 = self._clock()
         value = _decode_answer(data)
         if status != 200:
             raise RemoteEngineError(f"POST {self.url}/act answered HTTP {status}: {data[:200]!r}")
         chunk = self._to_chunk(value, stamp=stamp, unnorm_key=key)
+        if chunk.forced_steps != forced_steps:
+            raise RemoteEngineError(f"asked the server to force {forced_steps} step(s), it answered with "
+                                    f"forced_steps = {chunk.forced_steps}; refusing a chunk on the wrong timeline")
         chunk.timings_ms["request"] = (t1 - t0) * 1e3
         chunk.timings_ms["total"] = (self._clock() - t0) * 1e3
         return chunk
@@ -252,10 +271,18 @@ class RemoteEngine:
                           if isinstance(v, (int, float))}
         tokens = extras.get("tokens")
         normalised = extras.get("normalised")
-        return ActionChunk(actions=actions, dim_names=dims, dt=float(extras.get("dt") or self.dt), stamp=stamp,
+        dt = float(extras.get("dt") or self.dt)
+        forced_steps = extras.get("forced_steps") or 0
+        if not isinstance(forced_steps, int) or forced_steps < 0:
+            raise RemoteEngineError(f"server sent forced_steps {forced_steps!r}, expected an integer >= 0")
+        forced_tokens = extras.get("forced_tokens")
+        # The server decoded from its own stamp; the free actions start forced_steps*dt after ours.
+        return ActionChunk(actions=actions, dim_names=dims, dt=dt, stamp=stamp + forced_steps * dt,
                            tokens=np.asarray(tokens, dtype=np.int64) if tokens else None,
                            normalised=np.asarray(normalised, dtype=np.float64) if normalised is not None else None,
-                           timings_ms=server_timings, unnorm_key=extras.get("unnorm_key", unnorm_key))
+                           timings_ms=server_timings, unnorm_key=extras.get("unnorm_key", unnorm_key),
+                           forced_steps=forced_steps,
+                           forced_tokens=np.asarray(forced_tokens, dtype=np.int64) if forced_tokens else None)
 
 
 def add_remote_options(parser: argparse.ArgumentParser) -> None:

@@ -1,12 +1,14 @@
 """An HTTP `/act` server for any Engine, compatible with clients of OpenVLA's deploy.py.
 
     POST /act   {"image": <json_numpy uint8 HxWx3 | nested list>, "instruction": str,
-                 "unnorm_key": optional str, "return_chunk": optional bool}
+                 "unnorm_key": optional str, "return_chunk": optional bool,
+                 "forced_prefix": optional json_numpy | nested list (P, D) committed actions}
                 or {"encoded": "<the same object as JSON text>"}
        -> the action as a json_numpy float64 array ((D,) for K = 1, (K, D) for chunks), exactly
           like deploy.py (a JSON string holding json_numpy text for the "encoded" form); with
           "return_chunk": true an object with the action and the chunk's metadata (dims, dt,
-          tokens, timings) that `RemoteEngine` reads.
+          tokens, timings) that `RemoteEngine` reads. With "forced_prefix" (engines that support
+          it) the answer holds the K-P actions after the committed ones (see Engine.predict).
     GET /health -> {"status": "ok"}          GET /info -> engine.info() + server limits
 
 Unlike the reference: malformed requests get 4xx `{"error": "...", "field": "..."}` naming the
@@ -29,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 from . import json_numpy
+from .base import check_forced_prefix, supports_forced_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,9 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a 1080p image as a nested JSON list
 DRAIN_FACTOR = 16
 DEFAULT_MAX_IMAGE_SIDE = 4096
 MAX_INSTRUCTION_CHARS = 2000
-ACT_FIELDS = ("image", "instruction", "unnorm_key", "return_chunk")
+ACT_FIELDS = ("image", "instruction", "unnorm_key", "return_chunk", "forced_prefix")
+# Committed actions are a few steps of a few dims; this bounds the decoded array long before that matters.
+MAX_FORCED_PREFIX_BYTES = 1 << 16
 
 
 class RequestError(ValueError):
@@ -64,6 +69,35 @@ class ActRequest:
     unnorm_key: str | None
     return_chunk: bool
     double_encoded: bool
+    forced_prefix: np.ndarray | None = None  # (P, D) float64 committed actions, or None
+
+
+def _forced_prefix_from_field(value) -> np.ndarray | None:
+    """The optional `forced_prefix` field as a float64 array (shape checks need the engine: `ActService`)."""
+    if value is None:
+        return None
+    if json_numpy.is_encoded_array(value):
+        try:
+            prefix = json_numpy.decode_array(value, max_bytes=MAX_FORCED_PREFIX_BYTES)
+        except json_numpy.JsonNumpyError as exc:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"forced_prefix: {exc}", "forced_prefix") from None
+    elif isinstance(value, list):
+        try:
+            prefix = np.asarray(value)
+        except ValueError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "forced_prefix: nested list is not a rectangular (P, D) array",
+                               "forced_prefix") from None
+        if prefix.nbytes > MAX_FORCED_PREFIX_BYTES:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"forced_prefix: {prefix.nbytes} bytes exceed the limit of "
+                               f"{MAX_FORCED_PREFIX_BYTES}", "forced_prefix")
+    else:
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"forced_prefix: expected a json_numpy array or a nested list, got {type(value).__name__}",
+                           "forced_prefix")
+    if prefix.size and prefix.dtype.kind not in "iuf":
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"forced_prefix: must hold numbers, got {prefix.dtype} values",
+                           "forced_prefix")
+    return prefix.astype(np.float64)
 
 
 def _image_from_field(value, max_side: int) -> np.ndarray:
@@ -139,7 +173,7 @@ def parse_act_request(payload, *, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         raise RequestError(HTTPStatus.BAD_REQUEST, f"return_chunk: must be true or false, got {return_chunk!r:.80}", "return_chunk")
     image = _image_from_field(payload["image"], max_image_side)
     return ActRequest(image=image, instruction=instruction, unnorm_key=unnorm_key, return_chunk=return_chunk,
-                      double_encoded=double_encoded)
+                      double_encoded=double_encoded, forced_prefix=_forced_prefix_from_field(payload.get("forced_prefix")))
 
 
 def act_response(chunk, request: ActRequest, engine_name: str):
@@ -186,6 +220,7 @@ class ActService:
     def info(self) -> dict:
         return {**self._info, "engine": getattr(self.engine, "name", self._info.get("engine")),
                 "dims": list(self.engine.dim_names), "dt": self.engine.dt, "chunk_len": self.engine.chunk_len,
+                "supports_forced_prefix": supports_forced_prefix(self.engine),
                 "server": {"protocol": "openvla-deploy", "max_body_bytes": self.max_body_bytes,
                            "max_image_side": self.max_image_side, "auth": self.token is not None}}
 
@@ -195,9 +230,18 @@ class ActService:
                                         unnorm_keys=self._info.get("unnorm_keys"))
         except RequestError as exc:
             return exc.status, exc.body()
+        options = {}
+        if request.forced_prefix is not None and request.forced_prefix.size:
+            try:
+                if not supports_forced_prefix(self.engine):
+                    raise ValueError(f"the {getattr(self.engine, 'name', 'server')} engine cannot decode with a forced prefix")
+                options["forced_prefix"] = check_forced_prefix(request.forced_prefix, self.engine.chunk_len,
+                                                               len(self.engine.dim_names))
+            except ValueError as exc:
+                return HTTPStatus.BAD_REQUEST, {"error": f"forced_prefix: {exc}", "field": "forced_prefix"}
         try:
             with self.lock:
-                chunk = self.engine.predict(request.image, request.instruction, unnorm_key=request.unnorm_key)
+                chunk = self.engine.predict(request.image, request.instruction, unnorm_key=request.unnorm_key, **options)
                 self.requests_served += 1
         except Exception as exc:  # any engine failure becomes a 500 naming it; the server keeps serving
             logger.exception("engine %s failed", getattr(self.engine, "name", "?"))

@@ -201,6 +201,9 @@ class TensorRTEngine(PipelineBackedEngine):
     """`Engine` backend running TensorRT plans on one CUDA stream with device-resident KV caches."""
 
     name = "tensorrt"
+    # Forced tokens extend the prefill's input ids (within the plans' prompt profile); the decode
+    # steps then see the same cache lengths as without forcing, which the decode profile covers.
+    supports_forced_prefix = True
 
     def __init__(self, checkpoint_dir, trt_dir, *, unnorm_key: str | None = None, center_crop: bool = False,
                  rotate_180: bool = False, clock: Callable[[], float] = time.perf_counter):
@@ -261,18 +264,28 @@ class TensorRTEngine(PipelineBackedEngine):
             raise RuntimeError(f"TensorRT execution of {graph} failed")
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None):
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None):
         torch = self._torch
         clock = self._clock
         t0 = clock()
-        ids = self.pipeline.input_ids(instruction)
+        forced, windows = self.pipeline.prefix_plan(forced_prefix, prefix_soft_bins, unnorm_key=unnorm_key)
+        windows = windows or []
+
+        def greedy(logits, i):
+            if i >= len(windows):
+                return logits.argmax()
+            lo, hi = windows[i]
+            return logits[lo:hi + 1].argmax() + lo
+
+        ids = list(self.pipeline.input_ids(instruction)) + [int(t) for t in forced]
         if len(ids) > self.max_prompt_tokens:
-            raise ValueError(f"instruction gives {len(ids)} prompt tokens; the TensorRT plans were built for at most "
-                             f"{self.max_prompt_tokens} (build-trt --max-prompt-tokens)")
+            raise ValueError(f"instruction + {forced.size} forced tokens give {len(ids)} prompt tokens; the TensorRT "
+                             f"plans were built for at most {self.max_prompt_tokens} (build-trt --max-prompt-tokens)")
         pixels = self.pipeline.pixel_values(image)
         L, _, KV, _, D = self.plan["kv_keys_a"]["shape"]
         P = int(self.manifest["num_patches"])
-        n = self.pipeline.n_tokens
+        n = self.pipeline.free_tokens(forced)
         with torch.cuda.stream(self.stream):
             self.buffers["pixel_values"].copy_(pixels, non_blocking=False)
             prompt = self._view("prompt_ids", (1, len(ids)))
@@ -286,7 +299,7 @@ class TensorRTEngine(PipelineBackedEngine):
                                   "present_keys": self._view(f"kv_keys_{side}", (L, 1, KV, length, D)),
                                   "present_values": self._view(f"kv_values_{side}", (L, 1, KV, length, D))})
             tokens = torch.empty(n, dtype=torch.int64, device=self.device)
-            tokens[0] = self.buffers["logits"][0].argmax()
+            tokens[0] = greedy(self.buffers["logits"][0], 0)
             for k in range(1, n):
                 self.buffers["step_ids"].view(-1).copy_(tokens[k - 1:k])
                 other = "b" if side == "a" else "a"
@@ -296,12 +309,13 @@ class TensorRTEngine(PipelineBackedEngine):
                                      "logits": self.buffers["logits"],
                                      "present_keys": self._view(f"kv_keys_{other}", (L, 1, KV, length + 1, D)),
                                      "present_values": self._view(f"kv_values_{other}", (L, 1, KV, length + 1, D))})
-                tokens[k] = self.buffers["logits"][0].argmax()
+                tokens[k] = greedy(self.buffers["logits"][0], k)
                 side, length = other, length + 1
             result = tokens.cpu().tolist()  # the one device->host copy (synchronises the stream)
         t2 = clock()
         timings = {"preprocess": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3, "total": (t2 - t0) * 1e3}
-        return self.pipeline.to_chunk(result, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings)
+        return self.pipeline.to_chunk(result, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings,
+                                      forced_tokens=forced)
 
 
 def create_tensorrt_engine(checkpoint, *, trt_dir=None, device: str | None = None, dtype: str | None = None,

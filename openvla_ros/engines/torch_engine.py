@@ -3,6 +3,9 @@
 One prefill over `[BOS] + image patches + prompt`, then greedy steps with a KV cache, decoding
 exactly K*D tokens (no EOS stop, no sampling, no logits processors) — the same tokens as the
 Hugging Face `generate()` path (`reference_tokens`, used by tests and `openvla-ros bench engine`).
+With a forced prefix of P committed actions their P*D tokens follow the prompt in the same prefill
+(`[BOS] + patches + prompt + forced`) and only the (K-P)*D free tokens are decoded; with
+`prefix_soft_bins=k` instead all K*D are decoded, the first P*D restricted to +-k bins of the plan's.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class TorchEngine(PipelineBackedEngine):
     """`Engine` backend running the checkpoint with PyTorch on CPU or CUDA."""
 
     name = "torch"
+    supports_forced_prefix = True
 
     def __init__(self, checkpoint_dir, *, device: str = "cpu", dtype: str = "float32",
                  unnorm_key: str | None = None, center_crop: bool = False, rotate_180: bool = False,
@@ -59,25 +63,30 @@ class TorchEngine(PipelineBackedEngine):
         return {"engine": self.name, "device": self.device, "dtype": self.dtype_name, **self.pipeline.info()}
 
     def predict(self, image: np.ndarray, instruction: str, *, stamp: float = 0.0,
-                unnorm_key: str | None = None) -> ActionChunk:
+                unnorm_key: str | None = None, forced_prefix: np.ndarray | None = None,
+                prefix_soft_bins: int | None = None) -> ActionChunk:
         clock = self._clock
         t0 = clock()
-        pixel_values, input_ids = self.prepare(image, instruction)
+        forced, windows = self.pipeline.prefix_plan(forced_prefix, prefix_soft_bins, unnorm_key=unnorm_key)
+        pixel_values, input_ids = self.prepare(image, instruction, forced)
         t1 = clock()
         with torch.inference_mode():
             embeds = self.multimodal_embeddings(pixel_values, input_ids)
             self._sync()
             t2 = clock()
-            tokens, lm_timings = self.decode(embeds)
+            tokens, lm_timings = self.decode(embeds, self.pipeline.free_tokens(forced), windows)
         t3 = clock()
         timings = {"preprocess": (t1 - t0) * 1e3, "vision": (t2 - t1) * 1e3, **lm_timings, "total": (t3 - t0) * 1e3}
-        return self.pipeline.to_chunk(tokens, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings)
+        return self.pipeline.to_chunk(tokens, stamp=stamp, unnorm_key=unnorm_key, timings_ms=timings,
+                                      forced_tokens=forced)
 
     # Stages ------------------------------------------------------------------------------------
-    def prepare(self, image, instruction):
-        """Validated inputs on the device: pixel values [1, C, 224, 224] and input ids [1, T]."""
+    def prepare(self, image, instruction, forced_tokens=()):
+        """Validated inputs on the device: pixel values [1, C, 224, 224] and input ids [1, T]
+        (the prompt, then `forced_tokens` when given)."""
         input_ids = self.pipeline.input_ids(instruction)  # validates the instruction first (cheap)
         pixel_values = self.pipeline.pixel_values(image)
+        input_ids = list(input_ids) + [int(t) for t in forced_tokens]
         return (pixel_values.to(self.device, self.dtype),
                 torch.tensor([input_ids], dtype=torch.long, device=self.device))
 
@@ -87,30 +96,34 @@ class TorchEngine(PipelineBackedEngine):
         text = self.model.language_model.get_input_embeddings()(input_ids)
         return torch.cat([text[:, :1], patches.to(text.dtype), text[:, 1:]], dim=1)
 
-    def decode(self, embeds: torch.Tensor) -> tuple[list[int], dict]:
-        """Greedy K*D tokens: one prefill, then one cached step per token. Returns tokens and timings."""
-        n = self.pipeline.n_tokens
+    def decode(self, embeds: torch.Tensor, n_tokens: int | None = None,
+               windows: list[tuple[int, int]] | None = None) -> tuple[list[int], dict]:
+        """Greedy `n_tokens` (default K*D) tokens: one prefill, then one cached step per token; token
+        i is chosen among ids windows[i] = (lo, hi) while there are windows. Returns tokens and timings."""
+        windows = list(windows or [])
+        n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
         needed = embeds.shape[1] + n
         if self._decoder is None or self._decoder.max_len < needed:
             # Sized for this prompt plus headroom, so longer instructions rarely reallocate.
             self._decoder = LlamaGreedyDecoder(self.model.language_model, max_len=needed + 64)
         clock = self._clock
         t0 = clock()
-        token = self._decoder.prefill(embeds)
+        token = self._decoder.prefill(embeds, windows[0] if windows else None)
         tokens = [token]
         self._sync()
         t1 = clock()
-        for _ in range(n - 1):
-            token = self._decoder.step(token)
+        for i in range(1, n):
+            token = self._decoder.step(token, windows[i] if i < len(windows) else None)
             tokens.append(token)
         result = torch.cat(tokens, dim=1)[0].tolist()  # one device->host copy at the end
         t2 = clock()
         return result, {"prefill": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3, "lm": (t2 - t0) * 1e3}
 
-    def reference_tokens(self, embeds: torch.Tensor) -> tuple[list[int], float]:
-        """The plain Hugging Face path on the same embeddings: `generate()`, greedy, K*D new tokens."""
+    def reference_tokens(self, embeds: torch.Tensor, n_tokens: int | None = None) -> tuple[list[int], float]:
+        """The plain Hugging Face path on the same embeddings: `generate()`, greedy, `n_tokens`
+        (default K*D) new tokens."""
         lm = self.model.language_model
-        n = self.pipeline.n_tokens
+        n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
         t0 = self._clock()
         out = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
                           max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
