@@ -238,3 +238,17 @@ def test_planned_actions_refuse_bad_arguments_by_value():
     with pytest.raises(ValueError, match=r"lack the mapped dims \['dyaw'\]"):
         buffer.planned_actions(0.0, 1, 0.2, NAMES[:5] + ["gripper"])
     assert math.isfinite(buffer.planned_actions(0.0, 0, 0.2, NAMES).sum())
+
+
+def test_committed_steps_cover_the_latency_and_leave_one_action_free():
+    from openvla_ros.control.vla_controller import buffer_execution, committed_steps
+
+    assert committed_steps(None, 4, 0.2) == 0  # nothing measured yet: plain decoding
+    assert committed_steps(0.05, 4, 0.2) == 1
+    assert committed_steps(0.2, 4, 0.2) == 1  # exactly one period
+    assert committed_steps(0.21, 4, 0.2) == 2
+    assert committed_steps(2.0, 4, 0.2) == 3  # capped: at least one action is decoded
+    assert committed_steps(0.3, 1, 0.2) == 0  # a one-action model has nothing to force
+    assert buffer_execution("prefix") == EXECUTION_TIMELINE and buffer_execution("auto") == EXECUTION_AUTO
+    with pytest.raises(ValueError, match="execution must be one of .*'later'"):
+        buffer_execution("later")

@@ -156,3 +156,45 @@ def test_forcing_timeline_execution_shows_why_auto_exists(probe, start_vla):
     camera.stop()
     assert status is not None, "expired one-action chunks were not reported"
     assert all(m.twist.linear.x == 0.0 for m in probe.messages(TWIST))
+
+
+def test_prefix_execution_decodes_chunks_after_the_actions_committed_during_the_latency(tiny_chunk_checkpoint,
+                                                                                      probe, start_vla):
+    from rclpy.parameter import Parameter
+    from std_msgs.msg import String
+
+    from openvla_ros.engines.torch_engine import TorchEngine
+    from openvla_ros.nodes.ros_common import stamp_to_seconds
+
+    engine = TorchEngine(tiny_chunk_checkpoint)  # K = 4 actions of 0.2 s
+    probe.publish(String, "/vla/instruction", String(data=INSTRUCTION), qos=latched_qos())
+    camera = Camera(probe, rgb_to_image_fields(stripes(), "rgb8"))
+    camera.start()
+    start_vla(engine, parameter_overrides=[Parameter("start_enabled", value=True),
+                                           Parameter("status_rate_hz", value=10.0),
+                                           Parameter("execution", value="prefix")])
+    # Once a latency is measured, each chunk is decoded after ceil(p95 latency / dt) committed steps
+    # (1 on a quiet machine, more on a loaded one) and holds only the K - P free actions.
+    chunk = probe.wait_for(CHUNK, lambda m: len(m.points) < 4, timeout=TIMEOUT)
+    status = probe.wait_for(STATUS, lambda m: int(status_values(m).get("worker.forced_steps", 0)) >= 1,
+                            timeout=TIMEOUT)
+    camera.stop()
+    assert chunk is not None and status is not None
+    assert status_values(status)["buffer.execution"] == "timeline"
+    forced = 4 - len(chunk.points)
+    assert 1 <= forced <= 3
+    # The chunk's timeline starts `forced` actions after the frame it was computed from.
+    frame_stamp = stamp_to_seconds(chunk.header.stamp) - forced * 0.2
+    assert min(abs(frame_stamp - s) for s in camera.stamps) < 1e-6
+    times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in chunk.points]
+    assert times == pytest.approx([0.2 * i for i in range(len(chunk.points))])
+
+
+def test_prefix_execution_with_an_engine_that_cannot_force_is_refused_by_name(rclpy_context):
+    from rclpy.parameter import Parameter
+
+    from openvla_ros.nodes.vla_node import make_node
+
+    with pytest.raises(ValueError, match="cannot decode with a forced prefix"):
+        make_node(engine=DelayedChunkEngine(0.1, 4, 0.1), context=rclpy_context,
+                  parameter_overrides=[Parameter("execution", value="prefix")])

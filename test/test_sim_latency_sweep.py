@@ -118,3 +118,42 @@ def test_eval_latency_names_a_bad_flag_value(tiny_chunk_checkpoint, tmp_path, ca
     assert cli.main(["eval", "latency", "--checkpoint", str(tiny_chunk_checkpoint), "--latencies", "0.1,soon",
                      "--out", str(tmp_path)]) == 2
     assert "--latencies: expected a comma-separated list, got '0.1,soon'" in capsys.readouterr().err
+
+
+def test_prefix_decodes_each_chunk_after_the_committed_steps_of_the_latency(tiny_chunk_checkpoint):
+    from openvla_ros.engines.torch_engine import TorchEngine
+    from openvla_ros.sim.closed_loop import EngineSource
+
+    engine = TorchEngine(tiny_chunk_checkpoint)  # K = 4 actions of 0.2 s
+
+    class Recording(EngineSource):
+        def __init__(self):
+            super().__init__(engine)
+            self.calls = []
+
+        def __call__(self, scene, image, instruction, stamp, forced_prefix=None):
+            chunk = super().__call__(scene, image, instruction, stamp, forced_prefix)
+            self.calls.append((stamp, forced_prefix, chunk))
+            return chunk
+
+    source = Recording()
+    scene = closed_loop_scene(SEED, 100.0)
+    try:
+        target = target_for_seed(SEED)
+        closed_loop_episode(scene, panda_kinematics(), source, target, instruction_for(target), max_seconds=1.5,
+                            replan_period_s=0.0, sim_latency_s=0.3, forced_prefix=True)
+    finally:
+        scene.close()
+    assert len(source.calls) >= 4
+    first_stamp, first_prefix, first = source.calls[0]
+    assert first_prefix is None and first.forced_steps == 0  # no latency measured yet
+    for stamp, prefix, chunk in source.calls[1:]:
+        # 0.3 s of latency on 0.2 s actions: two actions are committed, two are decoded after them.
+        assert prefix.shape == (2, 7) and chunk.forced_steps == 2 and chunk.chunk_len == 2
+        assert chunk.stamp == pytest.approx(stamp + 0.4)
+    # The committed actions are the plan the arm was executing: the second call's first committed
+    # action lies inside the first chunk's actions 1..2 (the call came 0.3 s after the first frame).
+    second_stamp, second_prefix, _ = source.calls[1]
+    assert second_stamp == pytest.approx(0.3)
+    expected = 0.5 * (first.actions[1, :3] + first.actions[2, :3])
+    np.testing.assert_allclose(second_prefix[0, :3], expected, atol=1e-9)

@@ -48,7 +48,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from openvla_ros.engines.base import ActionChunk
+from openvla_ros.engines.base import ActionChunk, supports_forced_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _serve_engine(factory: Callable[[], Any], conn) -> None:
         engine = factory()
         conn.send(("ready", {"name": engine.name, "dim_names": list(engine.dim_names), "dt": engine.dt,
                              "chunk_len": engine.chunk_len, "info": engine.info(),
-                             "supports_forced_prefix": bool(getattr(engine, "supports_forced_prefix", False))}))
+                             "supports_forced_prefix": supports_forced_prefix(engine)}))
     except Exception as exc:  # reported to the parent, which raises it
         conn.send(("error", f"engine factory failed: {type(exc).__name__}: {exc}"))
         return
@@ -225,7 +225,7 @@ class InferenceWorker:
             engine = ProcessEngine(engine)
         elif not hasattr(engine, "predict"):
             raise ValueError(f"engine must have predict(image, instruction, stamp=, unnorm_key=), got {engine!r}")
-        if prefix_fn is not None and not getattr(engine, "supports_forced_prefix", False):
+        if prefix_fn is not None and not supports_forced_prefix(engine):
             raise ValueError(f"engine {getattr(engine, 'name', engine)!r} cannot decode with a forced prefix "
                              "(supports_forced_prefix is False)")
         self.engine = engine
@@ -384,7 +384,7 @@ class InferenceWorker:
             self._predict_ms.append(1000.0 * (done - started))
             self._latency_ms.append(1000.0 * (done - obs.stamp))
             self._last_timings = dict(chunk.timings_ms)
-            self._last_forced_steps = int(getattr(chunk, "forced_steps", 0) or 0)
+            self._last_forced_steps = chunk.forced_steps
             for stage, ms in chunk.timings_ms.items():
                 self._stage_ms.setdefault(stage, deque(maxlen=self._done_times.maxlen)).append(float(ms))
             stopping = self._stopping

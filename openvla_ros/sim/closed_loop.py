@@ -34,7 +34,7 @@ from openvla_ros.control.chunk_buffer import (
     EXECUTION_ARRIVAL, EXECUTION_TIMELINE, POLICY_REPLACE, STATE_UNDERRUN, ChunkBuffer,
 )
 from openvla_ros.control.vla_controller import committed_steps
-from openvla_ros.engines.base import ActionChunk
+from openvla_ros.engines.base import ActionChunk, supports_forced_prefix
 from openvla_ros.sim.scene import DEFAULT_PHYSICS_HZ, SUCCESS_RADIUS_M, PandaScene, target_from_instruction
 from openvla_ros.vla.constants import DEFAULT_ACTION_DIM_NAMES, DEFAULT_CONTROL_PERIOD_S
 
@@ -93,7 +93,7 @@ class EngineSource(ChunkSource):
         self.blank_image = blank_image
         self.first_action_only = first_action_only
         self.needs_image = not blank_image
-        self.supports_forced_prefix = bool(getattr(engine, "supports_forced_prefix", False)) and not first_action_only
+        self.supports_forced_prefix = supports_forced_prefix(engine) and not first_action_only
         self._blank = np.full((224, 224, 3), 128, dtype=np.uint8)
 
     @property
