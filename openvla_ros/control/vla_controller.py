@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from openvla_ros.engines.base import ActionChunk
-from openvla_ros.vla.constants import MAX_INSTRUCTION_CHARS
+from openvla_ros.vla.constants import MAX_INSTRUCTION_CHARS, MIN_IMAGE_SIDE
 
 from .chunk_buffer import STATE_OK, STATE_UNDERRUN, ChunkBuffer, ControlCommand, PushResult
 from .inference_worker import STATE_FAILED, InferenceWorker, Observation
@@ -199,6 +199,14 @@ class VlaController:
             self.last_error = f"ignored empty instruction {text!r:.80}"
             logger.warning(self.last_error)
             return False
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate: no tokenizer can take it
+                self.counters.bad_instructions += 1
+                self.last_error = f"ignored instruction that is not valid text ({exc.reason} at {exc.start})"
+                logger.warning(self.last_error)
+                return False
         if len(text) > MAX_INSTRUCTION_CHARS:
             self.counters.bad_instructions += 1
             self.last_error = (f"ignored instruction of {len(text)} characters (limit {MAX_INSTRUCTION_CHARS}): "
@@ -215,7 +223,7 @@ class VlaController:
         """A decoded RGB frame taken at `stamp` (controller clock). Invalid frames are counted, not used;
         a frame older than the newest one is counted as out of order and not used (False)."""
         usable = (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-                  and image.shape[2] == 3 and image.shape[0] >= 2 and image.shape[1] >= 2)
+                  and image.shape[2] == 3 and min(image.shape[:2]) >= MIN_IMAGE_SIDE)
         if not usable:
             self.on_bad_image(f"unusable frame: shape {getattr(image, 'shape', None)} "
                               f"dtype {getattr(image, 'dtype', type(image).__name__)}")

@@ -40,3 +40,6 @@ CONFIG_KEY_PROMPT_STYLE = "prompt_style"  # "openvla" or "vicuna"; default deriv
 # Longest instruction accepted (characters), by vla_node and the /act server: the tokenizer holds the
 # GIL while it works, so an unbounded instruction would stall every other thread of the process.
 MAX_INSTRUCTION_CHARS = 2000
+
+# Smallest image side (px) the preprocessing accepts (resizing needs at least 2 pixels per axis).
+MIN_IMAGE_SIDE = 2
