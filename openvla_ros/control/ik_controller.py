@@ -179,9 +179,11 @@ class IkController:
             raise
         with self._lock:
             now = self._clock()
-            previous, previous_time = self._q_received, self._received_time
-            self._q_received, self._received_time = q, now
-            why = self._implausible(q, previous, None if previous_time is None else now - previous_time)
+            why = self._beyond_limits(q)
+            if why is None:  # a reading within the limits is what the next one is compared with
+                previous, previous_time = self._q_received, self._received_time
+                self._q_received, self._received_time = q, now
+                why = self._jumped(q, previous, None if previous_time is None else now - previous_time)
             if why is not None:
                 self.counters["implausible_joint_states"] += 1
                 self.last_error = self._joint_state_refused = why
@@ -191,7 +193,7 @@ class IkController:
             self._joint_state_refused = None
             self.counters["joint_states"] += 1
 
-    def _implausible(self, q: np.ndarray, previous: np.ndarray | None, elapsed: float | None) -> str | None:
+    def _beyond_limits(self, q: np.ndarray) -> str | None:
         below = self._lower - JOINT_LIMIT_TOLERANCE_RAD - q
         above = q - self._upper - JOINT_LIMIT_TOLERANCE_RAD
         beyond = np.maximum(below, above)
@@ -199,6 +201,9 @@ class IkController:
             j = int(np.argmax(beyond))
             return (f"implausible joint state: {self.joint_names[j]} measured at {q[j]:.6g} rad, beyond its limits "
                     f"[{self._lower[j]:.4g}, {self._upper[j]:.4g}] (tolerance {JOINT_LIMIT_TOLERANCE_RAD} rad): refused")
+        return None
+
+    def _jumped(self, q: np.ndarray, previous: np.ndarray | None, elapsed: float | None) -> str | None:
         if previous is not None:
             allowed = PLAUSIBLE_SPEED_FACTOR * self._velocity * max(elapsed, 0.0) + PLAUSIBLE_JUMP_SLACK_RAD
             excess = np.abs(q - previous) - allowed

@@ -345,8 +345,8 @@ class _Handler(BaseHTTPRequestHandler):
             phrase = "error"
         if not hasattr(self, "command") or self.command is None or not isinstance(self.command, str):
             self.command = ""
-        if not hasattr(self, "request_version"):
-            self.request_version = self.default_request_version
+        if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
+            self.request_version = "HTTP/1.0"  # a status line and headers even when the version was unusable
         headers = {"Allow": ALLOWED_METHODS} if int(code) in (HTTPStatus.NOT_IMPLEMENTED, HTTPStatus.METHOD_NOT_ALLOWED) else None
         self._send(code, {"error": f"{phrase}: {message or explain or phrase}"[:500]}, headers)
 
