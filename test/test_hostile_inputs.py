@@ -21,7 +21,7 @@ from conftest import ManualClock
 from openvla_ros.cli import main as cli_main
 from openvla_ros.control.chunk_buffer import ChunkBuffer
 from openvla_ros.control.ik_controller import STATE_BAD_JOINT_STATES, STATE_OK, STATE_RESEEDING, IkController
-from openvla_ros.control.vla_controller import (HOLD_BAD_CAMERA, HOLD_NEW_INSTRUCTION, HOLD_UNDERRUN,
+from openvla_ros.control.vla_controller import (BAD_CAMERA_MEMORY_S, HOLD_BAD_CAMERA, HOLD_NEW_INSTRUCTION, HOLD_UNDERRUN,
                                                 LAST_ERROR_CLEAR_S, VlaController, map_gripper)
 from openvla_ros.engines import json_numpy
 from openvla_ros.engines.server import MemoryBudget, make_server, parse_act_request, RequestError
@@ -131,7 +131,7 @@ def test_a_future_stamped_frame_is_refused_with_its_reason_and_the_camera_goes_s
     clock.advance(0.2)  # the good frame is 0.6 s old; refused frames keep arriving
     assert ctrl.tick(PERIOD).state == HOLD_BAD_CAMERA
     assert ctrl.status()["state"] == HOLD_BAD_CAMERA
-    clock.advance(1.0)  # nothing at all for a second
+    clock.advance(BAD_CAMERA_MEMORY_S)  # nothing at all for a while
     assert ctrl.tick(PERIOD).state == "stale_camera"
 
 

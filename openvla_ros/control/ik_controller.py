@@ -32,6 +32,7 @@ from the injected `clock` (the node passes its ROS clock, so `use_sim_time` work
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ class IkTick:
     state: str
     ik_status: IkStatus | None  # of the IK step taken this tick (None: no step)
     dt: float  # seconds integrated this tick (0 when holding)
+    time: float | None = None  # clock time of the tick: the instant the targets are for
 
     @property
     def holding(self) -> bool:
@@ -275,7 +277,7 @@ class IkController:
             dt = min(max(dt, 0.0), MAX_TICK_PERIODS * self.period)
             previous = self._last.q_target if self._last is not None else None
             out = self._decide(now, dt)
-            out = self._within_limits(out, previous, dt)
+            out = dataclasses.replace(self._within_limits(out, previous, dt), time=now)
             self._last = out
             self.counters["ticks"] += 1
             if out.holding:

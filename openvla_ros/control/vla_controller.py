@@ -58,6 +58,10 @@ HOLD_NEW_INSTRUCTION = "new_instruction"  # a new instruction flushed the plan; 
 # How far ahead of the controller's clock a frame may be stamped (clock offsets between machines):
 # a frame stamped further ahead is refused, it would count as fresh long after it was taken.
 FUTURE_STAMP_TOLERANCE_S = 0.1
+# While the camera is stale, the hold is "bad_camera" when the newest frame that arrived was refused,
+# up to this long after it came (a loaded system can space frames further apart than the stale
+# timeout; the reason must not flicker between bad and stale camera).
+BAD_CAMERA_MEMORY_S = 2.0
 # last_error is cleared after the arm followed the model this long without a new error.
 LAST_ERROR_CLEAR_S = 5.0
 
@@ -156,6 +160,7 @@ class VlaController:
         self.instruction: str | None = None
         self.last_image_time: float | None = None  # stamp of the newest usable frame
         self.last_bad_image_time: float | None = None  # clock time the newest refused frame arrived
+        self._last_good_arrival: float | None = None  # clock time the newest usable frame arrived
         self._awaiting_plan = False  # an instruction flushed the plan and nothing answered it yet
         self._last_error: str | None = None
         self._last_error_time = -math.inf
@@ -243,6 +248,7 @@ class VlaController:
             return False
         self.counters.images += 1
         self.last_image_time = float(stamp)
+        self._last_good_arrival = now
         if self.enabled and not self.stopped and self.instruction is not None:
             self.worker.submit(Observation(image, self.instruction, float(stamp), self.buffer.epoch))
         return True
@@ -277,7 +283,9 @@ class VlaController:
         if self.instruction is None:
             return HOLD_NO_INSTRUCTION
         if self.last_image_time is None or now - self.last_image_time > self.stale_image_timeout_s:
-            if self.last_bad_image_time is not None and now - self.last_bad_image_time <= self.stale_image_timeout_s:
+            bad = self.last_bad_image_time
+            if (bad is not None and now - bad <= BAD_CAMERA_MEMORY_S
+                    and (self._last_good_arrival is None or bad >= self._last_good_arrival)):
                 return HOLD_BAD_CAMERA  # frames arrive, but are refused
             return HOLD_NO_CAMERA if self.last_image_time is None else HOLD_STALE_CAMERA
         if self.worker.state == STATE_FAILED:
