@@ -335,6 +335,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no status line, no headers: nothing this server speaks
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 requests are not supported; use HTTP/1.1")
+            return False
+        return True
+
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (bad request line, unknown method, oversized
         headers, bad version) as JSON like every other answer, never HTML."""
@@ -416,9 +424,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             raw = self.rfile.read(length)
-            if len(raw) != length:
+            if len(raw) != length:  # the client stopped sending (half-closed) before the declared end
                 self.close_connection = True
-                return  # the client went away mid-body: nobody to answer
+                self._send(HTTPStatus.BAD_REQUEST, {"error": f"body ended after {len(raw)} of the {length} bytes "
+                                                             f"Content-Length declared", "field": "body"})
+                return
             try:
                 payload = _load_json(raw, "body")
             except RequestError as exc:
