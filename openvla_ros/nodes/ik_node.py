@@ -71,7 +71,8 @@ PARAMS = [
     ParamSpec("joint_state_timeout", DEFAULT_JOINT_STATE_TIMEOUT_S, "hold when the joint states are older", "s",
               min=0.001, max=10.0),
     ParamSpec("reseed_threshold", DEFAULT_RESEED_THRESHOLD_RAD,
-              "restart from the measured joints when they drift this far from the commanded ones", "rad",
+              "slew the command back to the measured joints when they drift this far from it (raised to at least "
+              "5 periods of motion at each joint's velocity limit)", "rad",
               min=1e-4, max=3.2),
     ParamSpec("twist_topic", "/vla/eef_delta", "input twists (geometry_msgs/TwistStamped)", read_only=True),
     ParamSpec("joint_states_topic", "/joint_states", "measured joint states (sensor_msgs/JointState)", read_only=True),
