@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.openvla-ros-installed
 PIP_VERSION := 26.3
 
-.PHONY: setup test bench demo demo-quick clean-venv
+.PHONY: setup test bench fuzz demo demo-quick clean-venv
 
 setup: $(STAMP)
 
@@ -22,6 +22,13 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest -m bench test -s
+
+# The fuzz suite alone (also part of `make test`), its figures written to runs/fuzz_figures.json;
+# HYPOTHESIS_PROFILE=nightly make fuzz for a long search.
+fuzz: setup
+	@mkdir -p runs && rm -f runs/fuzz_figures.json
+	FUZZ_FIGURES=runs/fuzz_figures.json $(PY) -m pytest test/test_fuzz_properties.py test/test_server_fuzz.py test/test_ros_hostile_inputs.py
+	@cat runs/fuzz_figures.json
 
 # The whole loop: record -> fine-tune -> evaluate -> deploy through ROS 2 (resumable, runs/demo/loop).
 demo: setup

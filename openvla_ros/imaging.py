@@ -21,6 +21,16 @@ IMAGE_ENCODINGS: dict[str, tuple[int, tuple[int, int, int]]] = {
 
 COMPRESSED_FORMATS = ("jpeg", "png")
 
+# Largest image (width x height) any converter decodes: 4096 x 4096, 48 MiB as RGB. A camera frame
+# is far smaller; a compressed frame that declares more is refused from its header, before a byte
+# of pixels is allocated (a 187 KB PNG can declare 8000 x 8000 = 192 MB of pixels).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...): they carry the frame size.
+# 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) share the range but are not frames.
+_JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
 
 def _as_uint8_buffer(data) -> np.ndarray:
     """A flat uint8 view of `data` (bytes, bytearray, memoryview, array.array('B'), numpy, list)."""
@@ -37,11 +47,21 @@ def _as_uint8_buffer(data) -> np.ndarray:
         return values.astype(np.uint8).reshape(-1)
 
 
-def image_fields_to_rgb(encoding: str, height: int, width: int, step: int, data) -> np.ndarray:
+def check_image_size(width: int, height: int, what: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """ValueError unless 1 <= width, height and width * height <= max_pixels."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{what} size must be positive, got {width}x{height}")
+    if width * height > max_pixels:
+        raise ValueError(f"{what} of {width}x{height} = {width * height} pixels exceeds the limit of "
+                         f"{max_pixels} pixels: refused")
+
+
+def image_fields_to_rgb(encoding: str, height: int, width: int, step: int, data,
+                        max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Pixels of a `sensor_msgs/Image` as a new contiguous HxWx3 uint8 RGB array.
 
     `step` is the row length in bytes; rows may carry padding after `width * channels` bytes,
-    which is skipped.
+    which is skipped. Images of more than `max_pixels` pixels are refused (ValueError).
     """
     if encoding not in IMAGE_ENCODINGS:
         raise ValueError(
@@ -49,8 +69,7 @@ def image_fields_to_rgb(encoding: str, height: int, width: int, step: int, data)
         )
     channels, rgb_index = IMAGE_ENCODINGS[encoding]
     height, width, step = int(height), int(width), int(step)
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height} ({encoding})")
+    check_image_size(width, height, f"{encoding} image", max_pixels)
     row_bytes = width * channels
     if step < row_bytes:
         raise ValueError(
@@ -62,10 +81,10 @@ def image_fields_to_rgb(encoding: str, height: int, width: int, step: int, data)
         raise ValueError(
             f"{encoding} image {width}x{height} with step {step} needs {needed} bytes, data has {flat.size}"
         )
-    if flat.size < step * height:
-        # The last row may legitimately omit its padding; pad so the strided view is rectangular.
-        flat = np.concatenate([flat, np.zeros(step * height - flat.size, dtype=np.uint8)])
-    rows = flat[: step * height].reshape(height, step)[:, :row_bytes]
+    # A strided view of the rows (the last one may omit its padding): nothing is allocated for the
+    # padding, however large `step` claims it is.
+    flat = np.ascontiguousarray(flat)
+    rows = np.lib.stride_tricks.as_strided(flat, shape=(height, row_bytes), strides=(step, 1), writeable=False)
     pixels = rows.reshape(height, width, channels)
     return np.ascontiguousarray(pixels[:, :, list(rgb_index)])
 
@@ -135,14 +154,68 @@ def _compressed_is_rgb_ordered(fmt: str) -> bool:
     return "compressed rgb" in lowered
 
 
-def decode_compressed_image(fmt: str, data) -> np.ndarray:
-    """Pixels of a `sensor_msgs/CompressedImage` (jpeg or png) as HxWx3 uint8 RGB."""
+def compressed_image_size(buffer: np.ndarray) -> tuple[str, int, int]:
+    """(codec, width, height) read from a PNG or JPEG header, without decoding any pixels.
+
+    ValueError when the bytes are neither, or the header is cut short.
+    """
+    head = buffer[:24].tobytes()
+    if head.startswith(_PNG_SIGNATURE):
+        if len(head) < 24 or head[12:16] != b"IHDR":
+            raise ValueError(f"PNG of {buffer.size} bytes has no IHDR header")
+        return "png", int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head.startswith(b"\xff\xd8"):
+        i, size = 2, buffer.size
+        while i + 4 <= size:
+            if buffer[i] != 0xFF:
+                raise ValueError(f"JPEG of {size} bytes: no marker at byte {i}")
+            marker = int(buffer[i + 1])
+            if marker == 0xFF:  # fill byte
+                i += 1
+                continue
+            if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                i += 2
+                continue
+            length = int(buffer[i + 2]) << 8 | int(buffer[i + 3])
+            if marker in _JPEG_SOF_MARKERS:
+                if i + 9 > size:
+                    break
+                height = int(buffer[i + 5]) << 8 | int(buffer[i + 6])
+                width = int(buffer[i + 7]) << 8 | int(buffer[i + 8])
+                return "jpeg", width, height
+            if marker == 0xDA or length < 2:  # scan data before any frame header
+                break
+            i += 2 + length
+        raise ValueError(f"JPEG of {size} bytes has no frame header")
+    raise ValueError(f"compressed data of {buffer.size} bytes is neither PNG nor JPEG "
+                     f"(starts with {head[:8].hex()})")
+
+
+def decode_compressed_image(fmt: str, data, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Pixels of a `sensor_msgs/CompressedImage` (jpeg or png) as HxWx3 uint8 RGB.
+
+    The size is read from the header first: images of more than `max_pixels` pixels are refused
+    before decoding. Every failure is a ValueError naming the format and the problem.
+    """
     import cv2  # imported here: only needed for compressed topics
 
     buffer = _as_uint8_buffer(data)
     if buffer.size == 0:
         raise ValueError(f"compressed image ({fmt!r}) has no data")
-    decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    try:
+        codec, width, height = compressed_image_size(buffer)
+    except ValueError as exc:
+        raise ValueError(f"could not decode compressed image with format {fmt!r} ({buffer.size} bytes): {exc}; "
+                         f"supported codecs: {', '.join(COMPRESSED_FORMATS)}") from None
+    check_image_size(width, height, f"compressed {codec} image ({fmt!r})", max_pixels)
+    try:
+        decoded = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # OpenCV's own checks (corrupt data, its pixel limit) raise cv2.error
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"could not decode compressed {codec} image with format {fmt!r} "
+                         f"({buffer.size} bytes): {reason}") from None
+    if decoded is not None and (decoded.ndim != 3 or decoded.shape[2] != 3):
+        raise ValueError(f"compressed {codec} image ({fmt!r}) decoded to shape {decoded.shape}, not HxWx3")
     if decoded is None:
         raise ValueError(
             f"could not decode compressed image with format {fmt!r} ({buffer.size} bytes); "

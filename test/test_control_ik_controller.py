@@ -205,11 +205,25 @@ def test_measured_state_far_from_the_command_reseeds_it(kin):
     feed(ctrl, cmd - 0.01)
     out = run(ctrl, clock, kin, 1, [0.0] * 6, perfect_arm=False)[0]
     np.testing.assert_allclose(out.q_target, cmd, atol=1e-6)
-    # ... a jump (reset, arm pushed by hand) restarts from the measured state.
+    # ... a jump (reset, arm pushed by hand) that persists restarts from the measured state: the
+    # command slews there at the velocity limit, never jumping.
     moved = READY + np.array([0.3, 0, 0, 0, 0, 0, 0])
-    feed(ctrl, moved)
-    out = run(ctrl, clock, kin, 1, [0.0] * 6, perfect_arm=False)[0]
-    np.testing.assert_allclose(out.q_target, moved)
+    with pytest.raises(ValueError, match="implausible joint state: panda_joint1 jumped"):
+        feed(ctrl, moved)  # the first reading of the jump is refused ...
+    clock.advance(PERIOD)
+    feed(ctrl, moved)  # ... the second, agreeing with it, is the arm's new state
+    reach = kin.velocity_limits * PERIOD
+    previous, outs = cmd, []
+    for i in range(int(0.35 / reach[0]) + 2):
+        out = run(ctrl, clock, kin, 1, [0.0] * 6, perfect_arm=False)[0]
+        periods = 2 if i == 0 else 1  # the first tick integrates the period of the refused reading too
+        assert np.all(np.abs(out.q_target - previous) <= periods * reach + 1e-12)
+        previous = out.q_target
+        outs.append(out)
+        feed(ctrl, moved)
+    assert outs[0].state == "reseeding"
+    np.testing.assert_allclose(outs[-1].q_target, moved, atol=1e-9)
+    assert outs[-1].state == STATE_OK
     assert ctrl.status()["counters"]["reseeds"] == 1
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from openvla_ros.control.chunk_buffer import ChunkBuffer
 from openvla_ros.control.vla_controller import (
-    GRIPPER_MODES, HOLD_DISABLED, HOLD_ENGINE_FAILED, HOLD_NO_CAMERA, HOLD_NO_INSTRUCTION, HOLD_STALE_CAMERA,
+    GRIPPER_MODES, HOLD_BAD_CAMERA, HOLD_DISABLED, HOLD_ENGINE_FAILED, HOLD_NO_CAMERA, HOLD_NO_INSTRUCTION, HOLD_STALE_CAMERA,
     HOLD_STOPPED, HOLD_UNDERRUN, VlaController, clamp_norm, map_gripper,
 )
 from conftest import ManualClock as FakeClock
@@ -231,7 +231,7 @@ def test_bad_frames_are_counted_never_crash_and_never_reach_the_engine(torch_eng
     assert status["bad_images"] == len(bad_frames) + 1
     assert status["images"] == 0 and ctrl.worker.status()["submitted"] == 0
     assert "yuv422_weird" in status["last_error"]
-    assert ctrl.tick(PERIOD).state == HOLD_NO_CAMERA
+    assert ctrl.tick(PERIOD).state == HOLD_BAD_CAMERA  # frames arrive, but none is usable
     feed_and_wait(ctrl, clock, good, accepted=1)  # good frames still work
     assert ctrl.tick(PERIOD).moving
 
@@ -368,7 +368,7 @@ def test_controller_applies_the_gripper_mode_and_speed_clamps(torch_engine, cloc
     assert np.linalg.norm(linear) > 0.05 and np.linalg.norm(angular) > 0.2  # both limits bite
     np.testing.assert_allclose(out.linear, linear * 0.05 / np.linalg.norm(linear), rtol=1e-9)
     np.testing.assert_allclose(out.angular, angular * 0.2 / np.linalg.norm(angular), rtol=1e-7)
-    assert out.gripper == pytest.approx(-(2 * g - 1))
+    assert out.gripper == pytest.approx(min(1.0, max(-1.0, -(2 * g - 1))))  # the command stays in -1..1
     assert ctrl.status()["clamped_ticks"] == 1
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ NUMPY_KEY = "__numpy__"
 ENCODED_KEY = "encoded"
 # Kinds decodable from raw bytes without code execution: bool, (u)int, float, complex.
 _SAFE_KINDS = "biufc"
+MAX_DIMS = 32  # numpy's own limit is 64; no image or action has more than a handful
+_INT64_MAX = 2**63 - 1
 
 
 class JsonNumpyError(ValueError):
@@ -53,15 +56,17 @@ def decode_array(obj: dict, *, max_bytes: int | None = None) -> np.ndarray:
     if dtype.kind not in _SAFE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise JsonNumpyError(f"dtype {dtype_text!r} is not a plain numeric dtype")
     if not isinstance(shape, (list, tuple)) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise JsonNumpyError(f"shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        raise JsonNumpyError(f"shape must be a list of non-negative integers, got {shape!r:.200}")
+    if len(shape) > MAX_DIMS:
+        raise JsonNumpyError(f"shape has {len(shape)} dimensions, more than {MAX_DIMS}")
+    count = math.prod(shape)  # Python integers: a product beyond int64 is an error below, never a wrap-around
     if max_bytes is not None and count * dtype.itemsize > max_bytes:
         raise JsonNumpyError(f"array of shape {list(shape)} and dtype {dtype_text} exceeds {max_bytes} bytes")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise JsonNumpyError(f"{NUMPY_KEY} is not valid base64") from None
-    if len(raw) != count * dtype.itemsize:
+    if len(raw) != count * dtype.itemsize or any(n > _INT64_MAX for n in shape):
         raise JsonNumpyError(f"{len(raw)} bytes of data for shape {list(shape)} and dtype {dtype_text} "
                              f"(expected {count * dtype.itemsize})")
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()

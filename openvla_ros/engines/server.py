@@ -15,6 +15,22 @@ Unlike the reference: malformed requests get 4xx `{"error": "...", "field": "...
 field, the body size and image size are bounded, an optional bearer token is enforced (on /act and
 /info; /health stays open for probes), nothing is unpickled, and one lock serialises engine calls
 (requests are parsed concurrently). Default bind address is loopback.
+
+Limits (every refusal is a JSON body naming it; /info lists the configurable ones):
+
+- body: `max_body_bytes` (default 64 MiB), declared by exactly one ASCII-digit Content-Length
+  (none: 411; malformed, duplicated with different values, or with Transfer-Encoding: 400). 401
+  (token) and 413 (size) are answered from the headers before any of the body is read; the body is
+  then drained, bounded by bytes and DRAIN_TIMEOUT_S, so a client still sending reads the answer.
+- image: `max_image_side` px per side (413), at least MIN_IMAGE_SIDE (400); instruction: at most
+  MAX_INSTRUCTION_CHARS characters of valid text (400); JSON nested deeper than Python parses: 400.
+- connections: at most `max_connections` at once; the next gets 503 at once. Idle keep-alive
+  connections close after IDLE_TIMEOUT_S.
+- parsing memory: a body being parsed reserves PARSE_MEMORY_FACTOR x its size from a budget of
+  `max_parse_bytes` (default 1 GiB; a single body may always take the whole budget); a request that
+  cannot get its share within PARSE_WAIT_S gets 503.
+- HTTP-level errors of the standard library's parser (unknown method 501 with Allow, request line
+  too long 414, header fields too large 431, bad version 505, bad syntax 400) are JSON too.
 """
 from __future__ import annotations
 
@@ -23,13 +39,17 @@ import hmac
 import json
 import logging
 import math
+import re
+import socket
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from ..vla.constants import MAX_INSTRUCTION_CHARS, MIN_IMAGE_SIDE
 from . import json_numpy
 from .base import check_forced_prefix, supports_forced_prefix
 
@@ -38,13 +58,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a 1080p image as a nested JSON list fits
-# An oversized body up to this multiple of the limit is read and dropped before the 413 answer.
+# After a 413, up to this multiple of the limit is read and dropped (after a 401: up to the limit),
+# for at most DRAIN_TIMEOUT_S, so a client still sending reads the answer; then the connection closes.
 DRAIN_FACTOR = 16
+DRAIN_TIMEOUT_S = 2.0
 DEFAULT_MAX_IMAGE_SIDE = 4096
-MAX_INSTRUCTION_CHARS = 2000
-ACT_FIELDS = ("image", "instruction", "unnorm_key", "return_chunk", "forced_prefix")
 # Committed actions are a few steps of a few dims; this bounds the decoded array long before that matters.
 MAX_FORCED_PREFIX_BYTES = 1 << 16
+DEFAULT_MAX_CONNECTIONS = 32
+IDLE_TIMEOUT_S = 30.0  # a connection silent this long (keep-alive or a stalled client) is closed
+# Peak memory of parsing a body, per body byte: a nested-list image costs ~20x its JSON text.
+PARSE_MEMORY_FACTOR = 24
+DEFAULT_MAX_PARSE_BYTES = 1 << 30
+PARSE_WAIT_S = 30.0
+ALLOWED_METHODS = "GET, POST"
+_DIGITS = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is True, int("²") fails)
+ACT_FIELDS = ("image", "instruction", "unnorm_key", "return_chunk", "forced_prefix")
 
 
 class RequestError(ValueError):
@@ -129,6 +158,10 @@ def _image_from_field(value, max_side: int) -> np.ndarray:
         image = np.repeat(image[:, :, None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"image: shape must be HxWx3 (or HxWx4, HxW), got {list(image.shape)}", "image")
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"image: {image.shape[0]}x{image.shape[1]} is too small (at least {MIN_IMAGE_SIDE} px per side)",
+                           "image")
     if max(image.shape[:2]) > max_side:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                            f"image: {image.shape[0]}x{image.shape[1]} exceeds the limit of {max_side} px per side", "image")
@@ -146,10 +179,7 @@ def parse_act_request(payload, *, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         text = payload[json_numpy.ENCODED_KEY]
         if not isinstance(text, str):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"encoded: must be a JSON string, got {type(text).__name__}", "encoded")
-        try:
-            payload = json.loads(text)
-        except ValueError as exc:
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"encoded: not valid JSON ({exc})", "encoded") from None
+        payload = _load_json(text, "encoded")
         double_encoded = True
     if not isinstance(payload, dict):
         raise RequestError(HTTPStatus.BAD_REQUEST, f"body must be a JSON object, got {type(payload).__name__}")
@@ -162,6 +192,11 @@ def parse_act_request(payload, *, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
     if len(instruction) > MAX_INSTRUCTION_CHARS:
         raise RequestError(HTTPStatus.BAD_REQUEST,
                            f"instruction: {len(instruction)} characters exceed the limit of {MAX_INSTRUCTION_CHARS}", "instruction")
+    try:
+        instruction.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST,
+                           f"instruction: not valid text ({exc.reason} at character {exc.start})", "instruction") from None
     unnorm_key = payload.get("unnorm_key")
     if unnorm_key is not None:
         if not isinstance(unnorm_key, str):
@@ -174,6 +209,60 @@ def parse_act_request(payload, *, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
     image = _image_from_field(payload["image"], max_image_side)
     return ActRequest(image=image, instruction=instruction, unnorm_key=unnorm_key, return_chunk=return_chunk,
                       double_encoded=double_encoded, forced_prefix=_forced_prefix_from_field(payload.get("forced_prefix")))
+
+
+def _load_json(text, field: str):
+    """json.loads, every failure a 400 naming `field` (nesting too deep for Python is one of them)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{field}: JSON nested too deeply", field) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and integers too long to convert
+        what = "body is" if field == "body" else f"{field}:"
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{what} not valid JSON ({str(exc)[:200]})", field) from None
+
+
+def parse_content_length(values: list[str] | None, max_body_bytes: int) -> int:
+    """The body length from the Content-Length header value(s); RequestError when missing (411),
+    malformed or given twice with different values (400: request smuggling), or over the limit (413)."""
+    if not values:
+        raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length header required", "Content-Length")
+    distinct = {v.strip() for v in values}
+    if len(distinct) > 1:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length given {len(values)} times with different values "
+                           f"{sorted(distinct)!r:.100}: refused", "Content-Length")
+    (text,) = distinct
+    if not _DIGITS.fullmatch(text):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length must be a decimal byte count, got {text!r:.40}",
+                           "Content-Length")
+    length = int(text)
+    if length > max_body_bytes:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"body of {length} bytes exceeds the limit of {max_body_bytes}", "body")
+    return length
+
+
+class MemoryBudget:
+    """Bytes reserved by the requests being parsed; a reservation waits (bounded) for room."""
+
+    def __init__(self, total: int):
+        self.total = int(total)
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int, timeout: float) -> int | None:
+        """Reserve min(amount, total) bytes; None when that did not fit within `timeout` seconds."""
+        amount = min(int(amount), self.total)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + amount <= self.total, timeout):
+                return None
+            self.used += amount
+            return amount
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
 
 
 def act_response(chunk, request: ActRequest, engine_name: str):
@@ -195,13 +284,20 @@ class ActService:
     """The transport-free part of the server: validation, the engine lock, responses as (status, JSON value)."""
 
     def __init__(self, engine, *, token: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 max_image_side: int = DEFAULT_MAX_IMAGE_SIDE):
+                 max_image_side: int = DEFAULT_MAX_IMAGE_SIDE, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_parse_bytes: int = DEFAULT_MAX_PARSE_BYTES):
         if token is not None and not token:
             raise ValueError("token must be a non-empty string or None")
         if max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {max_body_bytes}")
-        if max_image_side < 1:
-            raise ValueError(f"max_image_side must be >= 1, got {max_image_side}")
+        if max_image_side < MIN_IMAGE_SIDE:
+            raise ValueError(f"max_image_side must be >= {MIN_IMAGE_SIDE}, got {max_image_side}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if max_parse_bytes < 1 << 20:
+            raise ValueError(f"max_parse_bytes must be >= 1 MiB, got {max_parse_bytes}")
+        self.max_connections = int(max_connections)
+        self.parse_budget = MemoryBudget(max_parse_bytes)
         self.engine = engine
         self.token = token
         self.max_body_bytes = int(max_body_bytes)
@@ -222,7 +318,9 @@ class ActService:
                 "dims": list(self.engine.dim_names), "dt": self.engine.dt, "chunk_len": self.engine.chunk_len,
                 "supports_forced_prefix": supports_forced_prefix(self.engine),
                 "server": {"protocol": "openvla-deploy", "max_body_bytes": self.max_body_bytes,
-                           "max_image_side": self.max_image_side, "auth": self.token is not None}}
+                           "max_image_side": self.max_image_side, "min_image_side": MIN_IMAGE_SIDE,
+                           "max_instruction_chars": MAX_INSTRUCTION_CHARS, "max_connections": self.max_connections,
+                           "max_parse_bytes": self.parse_budget.total, "auth": self.token is not None}}
 
     def act(self, payload) -> tuple[int, object]:
         try:
@@ -230,6 +328,10 @@ class ActService:
                                         unnorm_keys=self._info.get("unnorm_keys"))
         except RequestError as exc:
             return exc.status, exc.body()
+        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+            # Anything validation did not foresee is still the request's fault: a 400 naming it.
+            logger.warning("unforeseen request error: %s: %s", type(exc).__name__, exc)
+            return HTTPStatus.BAD_REQUEST, {"error": f"malformed request ({type(exc).__name__}: {str(exc)[:200]})"}
         options = {}
         if request.forced_prefix is not None and request.forced_prefix.size:
             try:
@@ -253,7 +355,7 @@ class ActService:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: RemoteEngine reuses one connection
-    timeout = 120  # idle keep-alive connections are closed after this many seconds
+    timeout = IDLE_TIMEOUT_S  # a connection silent this long is closed
     # Headers and body go out in two writes; with Nagle on, the body waits for the client's delayed
     # ACK (~40 ms per request on Linux).
     disable_nagle_algorithm = True
@@ -262,88 +364,169 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # route http.server's stderr lines to logging
         logger.debug("%s - " + format, self.address_string(), *args)
 
-    def _send(self, status: int, value) -> None:
+    def _send(self, status: int, value, headers: dict | None = None) -> None:
         body = json.dumps(value, allow_nan=False, default=str).encode()
         self.send_response(int(status))
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         if int(status) == HTTPStatus.UNAUTHORIZED:
             self.send_header("WWW-Authenticate", "Bearer")
+        for name, value_text in (headers or {}).items():
+            self.send_header(name, value_text)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-    def _check_token(self) -> bool:
-        if self.server.service.authorised(self.headers.get("Authorization")):
-            return True
-        self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (Authorization: Bearer ...)",
-                                             "field": "Authorization"})
-        return False
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no status line, no headers: nothing this server speaks
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/0.9 requests are not supported; use HTTP/1.1")
+            return False
+        return True
 
-    def _discard_body(self) -> None:
-        """Read and drop the request body before answering an error, so the client (still sending)
-        gets the answer instead of a broken pipe. Bodies beyond DRAIN_FACTOR x the limit are not
-        read: the connection is closed instead."""
-        length = self.headers.get("Content-Length")
-        if not (length and length.isdigit()) or int(length) > DRAIN_FACTOR * self.server.service.max_body_bytes:
-            self.close_connection = True
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (bad request line, unknown method, oversized
+        headers, bad version) as JSON like every other answer, never HTML."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        if not hasattr(self, "command") or self.command is None or not isinstance(self.command, str):
+            self.command = ""
+        if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
+            self.request_version = "HTTP/1.0"  # a status line and headers even when the version was unusable
+        headers = {"Allow": ALLOWED_METHODS} if int(code) in (HTTPStatus.NOT_IMPLEMENTED, HTTPStatus.METHOD_NOT_ALLOWED) else None
+        self._send(code, {"error": f"{phrase}: {message or explain or phrase}"[:500]}, headers)
+
+    def _reject(self, error: RequestError, drain_limit: int) -> None:
+        """Answer `error` now, from the headers alone; then drop what the client still sends (at
+        most `drain_limit` bytes, for at most DRAIN_TIMEOUT_S) and close the connection."""
+        self.close_connection = True
+        self._send(error.status, error.body())
+        try:
+            self.wfile.flush()
+        except OSError:
             return
-        remaining = int(length)
-        while remaining > 0:
-            chunk = self.rfile.read(min(remaining, 1 << 16))
-            if not chunk:
-                break
-            remaining -= len(chunk)
+        values = self.headers.get_all("Content-Length") or []
+        declared = int(values[0]) if len(values) == 1 and _DIGITS.fullmatch(values[0].strip()) else 0
+        remaining = min(declared, drain_limit)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        try:
+            while remaining > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(remaining, 1 << 16))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+        except OSError:  # timeout or reset: the answer was sent, nothing more to do
+            pass
 
     def do_GET(self):
         path = self.path.split("?", 1)[0]
         if path == "/health":
             self._send(HTTPStatus.OK, {"status": "ok", "engine": self.server.service.info()["engine"]})
         elif path == "/info":
-            if self._check_token():
+            if self.server.service.authorised(self.headers.get("Authorization")):
                 self._send(HTTPStatus.OK, self.server.service.info())
+            else:
+                self._reject(_unauthorised(), 0)
         elif path == "/act":
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST /act"})
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST /act"}, {"Allow": "POST"})
         else:
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path!r}; try POST /act, GET /health, GET /info"})
+            self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path!r:.200}; try POST /act, GET /health, GET /info"})
 
     def do_POST(self):
         service = self.server.service
         path = self.path.split("?", 1)[0]
         if path != "/act":
-            self._discard_body()
-            self._send(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint {path!r}; POST goes to /act"})
+            self._reject(RequestError(HTTPStatus.NOT_FOUND, f"no such endpoint {path!r:.200}; POST goes to /act"),
+                         service.max_body_bytes)
             return
         if not service.authorised(self.headers.get("Authorization")):
-            self._discard_body()
-            self._check_token()
+            self._reject(_unauthorised(), service.max_body_bytes)
             return
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.isdigit():
-            self.close_connection = True
-            self._send(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length header required", "field": "Content-Length"})
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._reject(RequestError(HTTPStatus.BAD_REQUEST, "Transfer-Encoding is not supported: send the body "
+                                      "with a Content-Length", "Transfer-Encoding"), 0)
             return
-        length = int(length_text)
-        if length > service.max_body_bytes:
-            self._discard_body()  # drained (bounded) so the client reads the 413, never parsed
-            self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                       {"error": f"body of {length} bytes exceeds the limit of {service.max_body_bytes}", "field": "body"})
-            return
-        raw = self.rfile.read(length)
         try:
-            payload = json.loads(raw)
-        except ValueError as exc:
-            self._send(HTTPStatus.BAD_REQUEST, {"error": f"body is not valid JSON ({exc})", "field": "body"})
+            length = parse_content_length(self.headers.get_all("Content-Length"), service.max_body_bytes)
+        except RequestError as exc:
+            self._reject(exc, DRAIN_FACTOR * service.max_body_bytes if exc.status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE else 0)
             return
-        status, value = service.act(payload)
+        reserved = service.parse_budget.acquire(PARSE_MEMORY_FACTOR * max(length, 1), PARSE_WAIT_S)
+        if reserved is None:
+            self._reject(RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "server busy parsing other requests; retry",
+                                      "body"), service.max_body_bytes)
+            return
+        try:
+            raw = self.rfile.read(length)
+            if len(raw) != length:  # the client stopped sending (half-closed) before the declared end
+                self.close_connection = True
+                self._send(HTTPStatus.BAD_REQUEST, {"error": f"body ended after {len(raw)} of the {length} bytes "
+                                                             f"Content-Length declared", "field": "body"})
+                return
+            try:
+                payload = _load_json(raw, "body")
+            except RequestError as exc:
+                self._send(exc.status, exc.body())
+                return
+            status, value = service.act(payload)
+            del payload, raw
+        finally:
+            service.parse_budget.release(reserved)
         self._send(status, value)
 
 
+def _unauthorised() -> RequestError:
+    return RequestError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer ...)",
+                        "Authorization")
+
+
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                  b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s")
+
+
 class ActHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most `service.max_connections` at once."""
+
     daemon_threads = True
 
     def __init__(self, address, service: ActService):
         self.service = service
+        self._slots = threading.BoundedSemaphore(service.max_connections)
+        self.refused_connections = 0
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.refused_connections += 1
+            body = json.dumps({"error": f"server busy: {self.service.max_connections} connections open; retry"}).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY_RESPONSE % (len(body), body))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def url(self) -> str:
@@ -392,6 +575,8 @@ def add_serve_parser(subparsers, add_engine_options=None) -> argparse.ArgumentPa
                                                  "(default: $OPENVLA_ROS_TOKEN if set, else no auth)")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20, help="request size limit in MiB")
     p.add_argument("--max-image-side", type=int, default=DEFAULT_MAX_IMAGE_SIDE, help="largest accepted image side in px")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="connections served at once; more get 503 (default %(default)s)")
     p.set_defaults(func=cmd_serve)
     return p
 
@@ -405,7 +590,8 @@ def cmd_serve(args, engine=None) -> int:
     max_body = int(args.max_body_mb * 2**20)
     if not math.isfinite(args.max_body_mb) or max_body < 1024:
         raise ValueError(f"--max-body-mb must be a positive size of at least 1 KiB, got {args.max_body_mb}")
-    server = make_server(engine, args.host, args.port, token, max_body_bytes=max_body, max_image_side=args.max_image_side)
+    server = make_server(engine, args.host, args.port, token, max_body_bytes=max_body, max_image_side=args.max_image_side,
+                         max_connections=args.max_connections)
     # One line on stdout so scripts (and tests) learn the actual port when --port 0 is used.
     print(json.dumps({"serving": server.url, "engine": engine.name, "auth": token is not None}), flush=True)
     serve_until_interrupted(server)

@@ -71,7 +71,8 @@ PARAMS = [
     ParamSpec("joint_state_timeout", DEFAULT_JOINT_STATE_TIMEOUT_S, "hold when the joint states are older", "s",
               min=0.001, max=10.0),
     ParamSpec("reseed_threshold", DEFAULT_RESEED_THRESHOLD_RAD,
-              "restart from the measured joints when they drift this far from the commanded ones", "rad",
+              "slew the command back to the measured joints when they drift this far from it (raised to at least "
+              "5 periods of motion at each joint's velocity limit)", "rad",
               min=1e-4, max=3.2),
     ParamSpec("twist_topic", "/vla/eef_delta", "input twists (geometry_msgs/TwistStamped)", read_only=True),
     ParamSpec("joint_states_topic", "/joint_states", "measured joint states (sensor_msgs/JointState)", read_only=True),
@@ -93,7 +94,7 @@ def _make_node_class():
     from std_msgs.msg import Float64, Float64MultiArray, String
     from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-    from .ros_common import diagnostic_array, diagnostic_level, latched_qos, node_seconds
+    from .ros_common import diagnostic_array, diagnostic_level, latched_qos, node_seconds, seconds_to_stamp
 
     output_classes = {OUTPUT_JOINT_TRAJECTORY: JointTrajectory, OUTPUT_FLOAT64_MULTI_ARRAY: Float64MultiArray,
                       OUTPUT_JOINT_STATE: JointState}
@@ -192,15 +193,17 @@ def _make_node_class():
                 return
             out = self.controller.tick()
             if out.q_target is not None:
-                self.command_pub.publish(self._command_message([float(v) for v in out.q_target]))
+                self.command_pub.publish(self._command_message([float(v) for v in out.q_target], out.time))
 
-        def _command_message(self, q: list):
+        def _command_message(self, q: list, tick_time: float | None = None):
             kind = self.params["output_type"]
             if kind == OUTPUT_FLOAT64_MULTI_ARRAY:
                 return self._msg["array"](data=q)
             if kind == OUTPUT_JOINT_STATE:
                 msg = self._msg["joint_state"](name=self.joint_names, position=q)
-                msg.header.stamp = self.get_clock().now().to_msg()
+                # Stamped with the tick's instant (what the targets are for), not the publish time.
+                msg.header.stamp = (seconds_to_stamp(tick_time) if tick_time is not None and tick_time >= 0
+                                    else self.get_clock().now().to_msg())
                 return msg
             msg = self._msg["trajectory"](joint_names=self.joint_names)
             # Zero stamp: joint_trajectory_controller starts the trajectory on receipt, so clock

@@ -135,29 +135,54 @@ class SpinningNode:
             raise self.error
 
 
+# How often the main thread's spin returns to Python, where a pending Ctrl-C / SIGTERM is raised.
+SPIN_WAKE_S = 0.1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def spin_node(node_factory, args=None) -> int:
-    """rclpy.init, build the node, spin a SingleThreadedExecutor until Ctrl-C / shutdown."""
+    """rclpy.init, build the node, spin a SingleThreadedExecutor until Ctrl-C / SIGTERM / shutdown.
+
+    Shutdown order: the node's own threads stop (`close()`), then the node is destroyed, then the
+    context shuts down. rclpy's signal handler would shut the context down first, from inside the
+    signal, while a node's control thread may still be publishing (RCLError: publisher's context is
+    invalid); so rclpy installs none here and SIGINT/SIGTERM raise KeyboardInterrupt in the main
+    thread, which spins in steps of SPIN_WAKE_S to notice it.
+    """
+    import signal
+
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
 
-    rclpy.init(args=args)
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     node = None
     try:
         node = node_factory()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=SPIN_WAKE_S)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ValueError as exc:  # configuration errors: one clear line, non-zero exit
         print(f"[error] {exc}")
         return 2
     finally:
-        if node is not None:
-            close = getattr(node, "close", None)
-            if close:
-                close()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        for sig in previous:  # a second signal must not cut the orderly shutdown short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if node is not None:
+                close = getattr(node, "close", None)
+                if close:
+                    close()
+                node.destroy_node()
+        finally:
+            rclpy.try_shutdown()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0

@@ -183,22 +183,26 @@ def _make_node_class():
             return stamp if self.params["use_header_stamp"] and stamp > 0 else node_seconds(self)
 
         def _on_image(self, msg):
-            try:
-                rgb = image_fields_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
-            except ValueError as exc:
-                self.controller.on_bad_image(str(exc))
-                self.get_logger().error(f"dropping camera frame: {exc}", throttle_duration_sec=2.0)
-                return
-            self.controller.on_image(rgb, self._stamp_of(msg))
+            self._take_frame("camera frame", lambda: image_fields_to_rgb(msg.encoding, msg.height, msg.width,
+                                                                         msg.step, msg.data), msg)
 
         def _on_compressed(self, msg):
+            self._take_frame("compressed frame", lambda: decode_compressed_image(msg.format, msg.data), msg)
+
+        def _take_frame(self, what, convert, msg):
+            # Whatever a frame holds, the node survives it: a conversion that fails in an unforeseen
+            # way is refused like an invalid frame, never raised into the executor.
             try:
-                rgb = decode_compressed_image(msg.format, msg.data)
-            except ValueError as exc:
-                self.controller.on_bad_image(str(exc))
-                self.get_logger().error(f"dropping compressed frame: {exc}", throttle_duration_sec=2.0)
+                rgb = convert()
+            except Exception as exc:  # noqa: BLE001 - hostile input must not end the process
+                reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                self.controller.on_bad_image(reason)
+                self.get_logger().error(f"dropping {what}: {reason}", throttle_duration_sec=2.0)
                 return
+            refused = self.controller.counters.bad_images
             self.controller.on_image(rgb, self._stamp_of(msg))
+            if self.controller.counters.bad_images != refused:
+                self.get_logger().error(f"dropping {what}: {self.controller.last_error}", throttle_duration_sec=2.0)
 
         def _on_instruction(self, msg):
             with self._control_lock:
@@ -206,7 +210,7 @@ def _make_node_class():
             if accepted:
                 self.get_logger().info(f"instruction: {msg.data.strip()!r}")
             else:
-                self.get_logger().error(f"ignoring empty instruction {msg.data!r}")
+                self.get_logger().error(str(self.controller.last_error))
 
         def _on_enable(self, request, response):
             with self._control_lock:

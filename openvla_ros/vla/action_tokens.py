@@ -66,10 +66,17 @@ class ActionStats:
         q01 = np.asarray(stats["q01"], dtype=np.float64)
         q99 = np.asarray(stats["q99"], dtype=np.float64)
         mask = np.asarray(stats.get("mask", np.ones_like(q01, dtype=bool)), dtype=bool)
-        if not (q01.shape == q99.shape == mask.shape) or q01.ndim != 1:
+        if not (q01.shape == q99.shape == mask.shape) or q01.ndim != 1 or q01.size == 0:
             raise ValueError(
-                f"{where}: q01 {q01.shape}, q99 {q99.shape} and mask {mask.shape} must be equal 1-D shapes"
+                f"{where}: q01 {q01.shape}, q99 {q99.shape} and mask {mask.shape} must be equal non-empty 1-D shapes"
             )
+        for name, values in (("q01", q01), ("q99", q99)):
+            if not np.all(np.isfinite(values)):
+                raise ValueError(f"{where}: {name} must be finite, got {values.tolist()}")
+        inverted = np.flatnonzero(q01 > q99)
+        if inverted.size:
+            i = int(inverted[0])
+            raise ValueError(f"{where}: q01 must not exceed q99, but dim {i} has q01 {q01[i]:.6g} > q99 {q99[i]:.6g}")
         return cls(q01=q01, q99=q99, mask=mask)
 
     @property
@@ -110,6 +117,8 @@ def select_unnorm_key(norm_stats: Mapping, unnorm_key: str | None) -> str:
 
 def action_stats(norm_stats: Mapping, key: str) -> ActionStats:
     entry = norm_stats[key]
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("action"), Mapping):
+        raise ValueError(f"statistics for {key!r} have no 'action' object (got {entry!r:.80})")
     if "action" not in entry:
         raise ValueError(f"statistics for {key!r} have no 'action' entry (has {sorted(entry)})")
     return ActionStats.from_dict(entry["action"], where=f"statistics[{key!r}]['action']")

@@ -36,3 +36,10 @@ CONFIG_KEY_CHUNK = "action_chunk_len"  # K actions decoded per call (K*D tokens)
 CONFIG_KEY_DT = "control_period_s"  # seconds each action covers, default DEFAULT_CONTROL_PERIOD_S
 CONFIG_KEY_DIM_NAMES = "action_dim_names"  # names of the D action dimensions
 CONFIG_KEY_PROMPT_STYLE = "prompt_style"  # "openvla" or "vicuna"; default derived from the LLM id
+
+# Longest instruction accepted (characters), by vla_node and the /act server: the tokenizer holds the
+# GIL while it works, so an unbounded instruction would stall every other thread of the process.
+MAX_INSTRUCTION_CHARS = 2000
+
+# Smallest image side (px) the preprocessing accepts (resizing needs at least 2 pixels per axis).
+MIN_IMAGE_SIDE = 2

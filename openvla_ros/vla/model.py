@@ -128,6 +128,32 @@ def _name_list(names, limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the kernel can give this process now (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(config: CheckpointConfig, dtype: torch.dtype, available: int | None = None) -> int:
+    """The language model's weight bytes in `dtype`; CheckpointError when they exceed the memory
+    available (measured unless given): refused before anything is allocated."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    need = config.estimated_llm_bytes(itemsize)
+    available = available_memory_bytes() if available is None else available
+    if available is not None and need > available:
+        raise CheckpointError(f"the language model of this config needs ~{need / 2**30:.1f} GiB for its weights in "
+                              f"{dtype} ({config.text_config['num_hidden_layers']} layers, hidden "
+                              f"{config.text_config['hidden_size']}, vocab {config.text_config['vocab_size']}); "
+                              f"{available / 2**30:.1f} GiB are available: refused")
+    return need
+
+
 def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> OpenVLAModel:
     """Build the network without allocating weights, then load every stored tensor (strictly).
 
@@ -135,7 +161,10 @@ def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, de
     """
     from accelerate import init_empty_weights
 
+    check_memory(checkpoint.config, dtype)
     # Parameters are created on the meta device; buffers (e.g. rotary inv_freq) stay real and fp32.
+    # (nn.Linear still allocates each weight before accelerate moves it to meta: check_memory keeps
+    # absurd sizes from getting that far.)
     with init_empty_weights(include_buffers=False):
         model = OpenVLAModel(checkpoint.config)
     expected = {name: p for name, p in model.state_dict().items()}

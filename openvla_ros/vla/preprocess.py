@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .constants import CENTER_CROP_AREA, IMAGE_SIZE
+from .constants import CENTER_CROP_AREA, IMAGE_SIZE, MIN_IMAGE_SIDE
 
 RESIZE_STRATEGIES = ("resize-naive",)
 
@@ -34,8 +34,8 @@ def validate_image(image) -> np.ndarray:
         raise ValueError(f"image dtype must be uint8, got {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must have shape HxWx3 (RGB), got {image.shape}")
-    if image.shape[0] < 2 or image.shape[1] < 2:
-        raise ValueError(f"image is too small: {image.shape}")
+    if image.shape[0] < MIN_IMAGE_SIDE or image.shape[1] < MIN_IMAGE_SIDE:
+        raise ValueError(f"image is too small: {image.shape} (at least {MIN_IMAGE_SIDE} px per side)")
     return np.ascontiguousarray(image)
 
 
