@@ -128,11 +128,15 @@ def test_a_one_action_deploy_style_server_moves_the_arm_at_its_intended_velocity
     assert server.requests >= 3
 
 
-@pytest.mark.parametrize("latency, execution", [(0.1, "timeline"), (0.25, "arrival"), (0.5, "arrival")])
-def test_a_chunked_model_moves_the_arm_at_its_intended_velocity(latency, execution, probe, start_vla):
-    engine = DelayedChunkEngine(latency, chunk_len=4, dt=0.1)  # 0.4 s chunks
+# auto keeps the timeline while chunks span 1.2x the time they must cover (frame to the next answer,
+# about two latencies back to back), else plays them from their arrival.
+@pytest.mark.parametrize("latency, chunk_len, execution", [(0.1, 8, "timeline"), (0.25, 4, "arrival"),
+                                                           (0.5, 4, "arrival")])
+def test_a_chunked_model_moves_the_arm_at_its_intended_velocity(latency, chunk_len, execution, probe, start_vla):
+    engine = DelayedChunkEngine(latency, chunk_len=chunk_len, dt=0.1)
     mean, moving, largest_step, status = measured_stream(probe, start_vla, engine)
-    print(f"K=4 chunks, latency {latency} s: mean twist {mean / VX:.3f} of delta/dt, moving {moving:.3f}")
+    print(f"K={chunk_len} chunks of 0.1 s, latency {latency} s: mean twist {mean / VX:.3f} of delta/dt, "
+          f"moving {moving:.3f}")
     assert 0.9 * VX <= mean <= 1.0001 * VX, f"mean {mean:.4f} m/s of {VX} at {latency} s ({status})"
     assert moving > 0.9 and largest_step < 1e-9
     assert status["buffer.execution"] == execution
