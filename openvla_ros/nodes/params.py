@@ -97,17 +97,21 @@ def load_yaml_parameters(path, node_name: str) -> dict:
 
 
 def declare_parameters(node, specs: Sequence[ParamSpec],
-                       on_change: Callable[[str, Any], None] | None = None) -> dict:
+                       on_change: Callable[[str, Any], None] | None = None, *, post_set: bool | None = None) -> dict:
     """Declare every spec on an rclpy node; returns the validated values. Invalid start values raise.
 
     The returned dict stays live: an accepted runtime change (``ros2 param set`` on a parameter
     that is not read-only) updates it, then ``on_change(name, value)`` runs. Invalid changes are
     rejected with the reason from `ParamSpec.validate`. Types are strict, as in rclcpp: a float
     parameter given an integer (``100`` instead of ``100.0``) is an error naming the parameter.
+    ``post_set`` picks the callback path (see `ros_compat.add_parameter_callbacks`; None: the
+    node's rclpy decides).
     """
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
     from rclpy.exceptions import ParameterException
     from rclpy.parameter import Parameter
+
+    from .ros_compat import add_parameter_callbacks
 
     values = {}
     for spec in specs:
@@ -155,6 +159,5 @@ def declare_parameters(node, specs: Sequence[ParamSpec],
             if on_change is not None:
                 on_change(p.name, values[p.name])
 
-    node.add_on_set_parameters_callback(on_set)
-    node.add_post_set_parameters_callback(after_set)
+    add_parameter_callbacks(node, on_set, after_set, post_set=post_set)
     return values
