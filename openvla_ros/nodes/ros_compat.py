@@ -37,3 +37,13 @@ def add_parameter_callbacks(node, validate: Callable[[List[Any]], Any], apply: C
         return result
 
     node.add_on_set_parameters_callback(validate_then_apply)
+
+
+def subscription_event_callbacks(**callbacks):
+    """rclpy's SubscriptionEventCallbacks: `rclpy.event_handler` from Iron on, `rclpy.qos_event` on
+    Humble (still there later, but importing it warns)."""
+    try:
+        from rclpy.event_handler import SubscriptionEventCallbacks
+    except ImportError:
+        from rclpy.qos_event import SubscriptionEventCallbacks
+    return SubscriptionEventCallbacks(**callbacks)
