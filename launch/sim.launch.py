@@ -6,19 +6,16 @@ Each node gets its own parameter file, the robot file (ik_node) and then config/
 whose node sections hold the simulated cell's settings: the same files, in the same order, that
 `openvla-ros bringup --config config/sim_bringup.yaml` uses where `ros2 launch` is not available.
 """
-import os
-
-from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
-from launch.substitutions import LaunchConfiguration, PythonExpression
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
+from launch_ros.substitutions import FindPackageShare
 
 
 def generate_launch_description():
-    share = get_package_share_directory("openvla_ros")
-    config = os.path.join(share, "config")
+    config = PathJoinSubstitution([FindPackageShare("openvla_ros"), "config"])
     arguments = [
         DeclareLaunchArgument("checkpoint", description="OpenVLA checkpoint directory"),
         DeclareLaunchArgument("engine", default_value="torch", description="torch | bnb4 | bnb8 | onnx | tensorrt | remote"),
@@ -27,15 +24,15 @@ def generate_launch_description():
         DeclareLaunchArgument("seed", default_value="0", description="first episode's seed"),
         DeclareLaunchArgument("real_time", default_value="true",
                               description="false: simulated time on /clock (all nodes use_sim_time)"),
-        DeclareLaunchArgument("sim_config", default_value=os.path.join(config, "sim_node.yaml"),
+        DeclareLaunchArgument("sim_config", default_value=PathJoinSubstitution([config, "sim_node.yaml"]),
                               description="sim_node parameter file"),
-        DeclareLaunchArgument("vla_config", default_value=os.path.join(config, "vla_node.yaml"),
+        DeclareLaunchArgument("vla_config", default_value=PathJoinSubstitution([config, "vla_node.yaml"]),
                               description="vla_node parameter file"),
-        DeclareLaunchArgument("ik_config", default_value=os.path.join(config, "ik_node.yaml"),
+        DeclareLaunchArgument("ik_config", default_value=PathJoinSubstitution([config, "ik_node.yaml"]),
                               description="ik_node parameter file"),
-        DeclareLaunchArgument("robot_config", default_value=os.path.join(config, "robots", "panda.yaml"),
+        DeclareLaunchArgument("robot_config", default_value=PathJoinSubstitution([config, "robots", "panda.yaml"]),
                               description="robot parameter file for ik_node"),
-        DeclareLaunchArgument("cell_config", default_value=os.path.join(config, "sim_bringup.yaml"),
+        DeclareLaunchArgument("cell_config", default_value=PathJoinSubstitution([config, "sim_bringup.yaml"]),
                               description="settings of the simulated cell (loaded last)"),
     ]
     cell = LaunchConfiguration("cell_config")
