@@ -20,6 +20,8 @@ def generate_launch_description():
     config = PathJoinSubstitution([FindPackageShare("openvla_ros"), "config"])
     arguments = [
         DeclareLaunchArgument("checkpoint", description="OpenVLA checkpoint directory"),
+        DeclareLaunchArgument("namespace", default_value="",
+                              description="namespace of every node and its relative topics (e.g. left_arm)"),
         DeclareLaunchArgument("engine", default_value="torch", description="torch | bnb4 | bnb8 | onnx | tensorrt | remote"),
         DeclareLaunchArgument("device", default_value="cuda", description="cpu or cuda[:N]"),
         DeclareLaunchArgument("dtype", default_value="bfloat16", description="float32 | bfloat16 | float16"),
@@ -40,12 +42,13 @@ def generate_launch_description():
         DeclareLaunchArgument("start_enabled", default_value="false",
                               description="follow the model without calling /vla_node/enable first"),
     ]
+    namespace = LaunchConfiguration("namespace")
     use_sim_time = LaunchConfiguration("use_sim_time")
     # Set for every node from one argument each, after the parameter files, so they cannot disagree.
     shared = {"base_frame": LaunchConfiguration("base_frame"),
               "use_sim_time": ParameterValue(use_sim_time, value_type=bool)}
     vla = Node(
-        package="openvla_ros", executable="vla_node", name="vla_node", output="screen",
+        package="openvla_ros", executable="vla_node", name="vla_node", output="screen", namespace=namespace,
         parameters=[LaunchConfiguration("vla_config"), {
             "checkpoint": LaunchConfiguration("checkpoint"),
             "engine": LaunchConfiguration("engine"),
@@ -57,7 +60,7 @@ def generate_launch_description():
         }, shared],
     )
     ik = Node(
-        package="openvla_ros", executable="ik_node", name="ik_node", output="screen",
+        package="openvla_ros", executable="ik_node", name="ik_node", output="screen", namespace=namespace,
         condition=IfCondition(LaunchConfiguration("use_ik_node")),
         parameters=[LaunchConfiguration("ik_config"), LaunchConfiguration("robot_config"), shared],
     )

@@ -18,6 +18,8 @@ def generate_launch_description():
     config = PathJoinSubstitution([FindPackageShare("openvla_ros"), "config"])
     arguments = [
         DeclareLaunchArgument("checkpoint", description="OpenVLA checkpoint directory"),
+        DeclareLaunchArgument("namespace", default_value="",
+                              description="namespace of every node and its relative topics (e.g. left_arm)"),
         DeclareLaunchArgument("engine", default_value="torch", description="torch | bnb4 | bnb8 | onnx | tensorrt | remote"),
         DeclareLaunchArgument("device", default_value="cpu", description="cpu or cuda[:N]"),
         DeclareLaunchArgument("dtype", default_value="float32", description="float32 | bfloat16 | float16"),
@@ -35,20 +37,21 @@ def generate_launch_description():
         DeclareLaunchArgument("cell_config", default_value=PathJoinSubstitution([config, "sim_bringup.yaml"]),
                               description="settings of the simulated cell (loaded last)"),
     ]
+    namespace = LaunchConfiguration("namespace")
     cell = LaunchConfiguration("cell_config")
     real_time = LaunchConfiguration("real_time")
     # The other nodes follow /clock exactly when sim_node runs on simulated time.
     sim_time = {"use_sim_time": ParameterValue(
         PythonExpression(["'", real_time, "'.lower() not in ('true', '1')"]), value_type=bool)}
     sim = Node(
-        package="openvla_ros", executable="sim_node", name="sim_node", output="screen",
+        package="openvla_ros", executable="sim_node", name="sim_node", output="screen", namespace=namespace,
         parameters=[LaunchConfiguration("sim_config"), cell, {
             "seed": ParameterValue(LaunchConfiguration("seed"), value_type=int),
             "real_time": ParameterValue(real_time, value_type=bool),
         }],
     )
     vla = Node(
-        package="openvla_ros", executable="vla_node", name="vla_node", output="screen",
+        package="openvla_ros", executable="vla_node", name="vla_node", output="screen", namespace=namespace,
         parameters=[LaunchConfiguration("vla_config"), cell, {
             "checkpoint": LaunchConfiguration("checkpoint"),
             "engine": LaunchConfiguration("engine"),
@@ -57,7 +60,7 @@ def generate_launch_description():
         }, sim_time],
     )
     ik = Node(
-        package="openvla_ros", executable="ik_node", name="ik_node", output="screen",
+        package="openvla_ros", executable="ik_node", name="ik_node", output="screen", namespace=namespace,
         parameters=[LaunchConfiguration("ik_config"), LaunchConfiguration("robot_config"), cell, sim_time],
     )
     return LaunchDescription(arguments + [sim, vla, ik])

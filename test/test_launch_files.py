@@ -192,7 +192,10 @@ def test_config_file_parameters_are_declared_by_their_nodes(path):
     assert isinstance(data, dict)
     for section, body in data.items():
         assert isinstance(body, dict) and set(body) == {"ros__parameters"}, f"{path.name}: bad section {section!r}"
-        name = section.lstrip("/")
+        if section != "bringup" and section != "/**":
+            # A node in any namespace: `ros2 launch ... namespace:=left_arm` must still apply it.
+            assert section.startswith("/**/"), f"{path.name}: section {section!r} is not '/**/<node>'"
+        name = section.removeprefix("/**/").lstrip("/")
         if name == "bringup":
             read_bringup_file(path)  # raises on unknown nodes, keys or missing files
             continue

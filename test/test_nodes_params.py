@@ -96,9 +96,10 @@ def test_every_parameter_line_in_the_config_file_carries_a_comment():
             assert "#" in line, f"parameter line without a comment: {line!r}"
 
 
-def test_config_file_is_plain_yaml_with_one_node_section():
+def test_config_file_is_plain_yaml_with_one_node_section_for_any_namespace():
     data = yaml.safe_load(CONFIG.read_text())
-    assert list(data) == [NODE_NAME] and list(data[NODE_NAME]) == ["ros__parameters"]
+    key = f"/**/{NODE_NAME}"  # matches /vla_node and /left_arm/vla_node alike
+    assert list(data) == [key] and list(data[key]) == ["ros__parameters"]
 
 
 # ---------------------------------------------------------------------------------- with rclpy

@@ -81,7 +81,8 @@ def validate_all(specs: Sequence[ParamSpec], values: dict) -> dict:
 
 
 def load_yaml_parameters(path, node_name: str) -> dict:
-    """`ros__parameters` for `node_name` in a ROS 2 parameter file (also the `/**` wildcard section)."""
+    """`ros__parameters` for `node_name` in a ROS 2 parameter file (also the `/**` and `/**/node_name`
+    wildcard sections, the latter how this package's files address a node in any namespace)."""
     import yaml
 
     path = Path(path)
@@ -89,7 +90,7 @@ def load_yaml_parameters(path, node_name: str) -> dict:
         raise ValueError(f"parameter file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     params: dict = {}
-    for key in ("/**", node_name, f"/{node_name}"):
+    for key in ("/**", f"/**/{node_name}", node_name, f"/{node_name}"):
         section = data.get(key)
         if isinstance(section, dict):
             params.update(section.get("ros__parameters", {}) or {})
