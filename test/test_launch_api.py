@@ -110,3 +110,10 @@ def test_sim_launch_starts_the_cell_with_the_cell_settings_last(package_share):
     for fqn, (executable, params) in nodes.items():
         params.pop("use_sim_time", None)
         validate_all(_params_table(executable), params)
+
+
+def test_a_namespace_argument_moves_every_node_and_the_parameter_files_still_apply(package_share):
+    nodes = run_launch_file("sim.launch.py", checkpoint="/tmp/tiny", namespace="left_arm")
+    assert sorted(nodes) == ["/left_arm/ik_node", "/left_arm/sim_node", "/left_arm/vla_node"]
+    assert nodes["/left_arm/vla_node"][1]["blend_policy"] == "ensemble"
+    assert nodes["/left_arm/ik_node"][1]["tip_frame"] == "panda_grasptarget"
