@@ -71,6 +71,9 @@ PARAMS = [
               read_only=True),
     ParamSpec("instruction_topic", "vla/instruction", "instruction output (latched)", read_only=True),
     ParamSpec("publish_instruction", True, "publish each episode's instruction", read_only=True),
+    ParamSpec("robot_description_topic", "robot_description", "where the simulated Panda's URDF is published, "
+              "latched, as robot_state_publisher does, for ik_node, RViz and Foxglove ('' = not published)",
+              read_only=True),
     ParamSpec("publish_tip_pose", True, "publish /sim/tip_pose at the joint state rate", read_only=True),
     ParamSpec("publish_cubes", True, "publish /sim/cubes/<colour> at the camera rate", read_only=True),
 ]
@@ -124,6 +127,11 @@ def _make_node_class():
             self._camera = camera
 
             scene = PandaScene(seed=p["seed"], physics_dt=1.0 / p["physics_hz"], camera=camera)
+            self.description_pub = None
+            if p["robot_description_topic"]:
+                self.description_pub = self.create_publisher(String, p["robot_description_topic"], latched_qos())
+                with open(scene.urdf_path, encoding="utf-8") as f:
+                    self.description_pub.publish(String(data=f.read()))
             self._renderer = None
             try:
                 if p["render_process"]:
