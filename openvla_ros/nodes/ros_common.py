@@ -163,7 +163,15 @@ def call_service(node, srv_type, name: str, request, timeout: float = 10.0):
 
 
 class SpinningNode:
-    """A node spun by its own SingleThreadedExecutor on a background thread."""
+    """A node spun by its own SingleThreadedExecutor on a background thread.
+
+    `stop` ends the spin loop and joins the thread before it shuts the executor down: shutting an
+    executor down while another thread waits in it races on its guard condition in Jazzy's rclpy
+    (7.1.6 destroys it without waiting for the spinning thread, which then fails on None).
+    """
+
+    # How long one spin_once waits for work: the longest `stop` waits for the loop to notice.
+    POLL_S = 0.1
 
     def __init__(self, node, context):
         import threading
@@ -173,24 +181,28 @@ class SpinningNode:
         self.node = node
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(node)
+        self._stopping = threading.Event()
         self.thread = threading.Thread(target=self._spin, name=f"spin-{node.get_name()}", daemon=True)
         self.error: BaseException | None = None
         self.thread.start()
 
     def _spin(self):
-        from rclpy.executors import ExternalShutdownException
+        from rclpy.executors import ExternalShutdownException, ShutdownException
 
         try:
-            self.executor.spin()
-        except ExternalShutdownException:
+            while not self._stopping.is_set() and self.executor.context.ok():
+                self.executor.spin_once(timeout_sec=self.POLL_S)
+        except (ExternalShutdownException, ShutdownException):
             pass
         except BaseException as exc:  # surfaced by stop(): a callback raised inside the executor
             self.error = exc
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Shut the executor down, join the thread, destroy the node; re-raises a callback error."""
-        self.executor.shutdown(timeout_sec=timeout)
+        """End the spin loop, join the thread, shut the executor down, destroy the node; re-raises a
+        callback error."""
+        self._stopping.set()
         self.thread.join(timeout)
+        self.executor.shutdown(timeout_sec=timeout)
         close = getattr(self.node, "close", None)
         if close is not None:
             close()
