@@ -5,10 +5,16 @@ PY := $(VENV)/bin/python
 # The stamp records which lock file the venv was built from, so editing it triggers a rebuild.
 STAMP := $(VENV)/.openvla-ros-installed
 PIP_VERSION := 26.3
+# A second venv with ROS 2 Jazzy's rclpy and messages instead of Kilted's, for the ROS tests.
+JAZZY_VENV ?= .venv-jazzy
+JAZZY_PY := $(JAZZY_VENV)/bin/python
+JAZZY_STAMP := $(JAZZY_VENV)/.openvla-ros-installed
 
-.PHONY: setup test bench fuzz demo demo-quick clean-venv
+.PHONY: setup setup-jazzy test test-kilted test-jazzy bench fuzz demo demo-quick clean-venv
 
 setup: $(STAMP)
+
+setup-jazzy: $(JAZZY_STAMP)
 
 $(STAMP): requirements.lock setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +23,23 @@ $(STAMP): requirements.lock setup.py
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
-test: setup
+# The same requirements as .venv without the Kilted ros-* wheels, plus requirements-jazzy.lock.
+$(JAZZY_STAMP): requirements.lock requirements-jazzy.lock setup.py
+	@test -x $(JAZZY_PY) || $(PYTHON) -m venv $(JAZZY_VENV)
+	$(JAZZY_PY) -m pip install --quiet --upgrade pip==$(PIP_VERSION)
+	grep -v '^ros-' requirements.lock > $(JAZZY_VENV)/requirements.txt
+	$(JAZZY_PY) -m pip install --quiet -r $(JAZZY_VENV)/requirements.txt -r requirements-jazzy.lock
+	$(JAZZY_PY) -m pip install --quiet --no-deps -e .
+	@touch $(JAZZY_STAMP)
+
+# Everything on ROS 2 Kilted, then the ROS tests (marked `ros`) again on ROS 2 Jazzy.
+test: test-kilted test-jazzy
+
+test-kilted: setup
 	$(PY) -m pytest -m "not bench" test
+
+test-jazzy: setup-jazzy
+	$(JAZZY_PY) -m pytest -m "ros and not bench" test
 
 bench: setup
 	$(PY) -m pytest -m bench test -s
@@ -39,4 +60,4 @@ demo-quick: setup
 	$(VENV)/bin/openvla-ros demo
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(JAZZY_VENV)

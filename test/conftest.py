@@ -52,3 +52,11 @@ class ManualClock:
         with self.lock:
             self.t += dt
             return self.t
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test in a test_ros_*.py file starts real rclpy nodes: mark it `ros`, so that
+    `-m ros` (the Jazzy run of `make test`) selects them without each file repeating the mark."""
+    for item in items:
+        if item.path.name.startswith("test_ros_"):
+            item.add_marker(pytest.mark.ros)

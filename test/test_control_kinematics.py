@@ -339,7 +339,7 @@ def test_bad_construction_raises():
 
 def test_panda_yaml_builds_the_same_kinematics(kin):
     with open(PANDA_YAML) as f:
-        params = yaml.safe_load(f)["ik_node"]["ros__parameters"]
+        params = yaml.safe_load(f)["/**/ik_node"]["ros__parameters"]
     from_yaml = kinematics_from_params(params["urdf_path"] or URDF, params)
     assert from_yaml.joint_names == tuple(ARM)
     assert from_yaml.workspace == BOX

@@ -127,6 +127,7 @@ def test_frames_return_the_written_images(tmp_path, storage, typestore, compress
     assert frames.report.as_dict() == {"images": 4, "matched": 4, "dropped": 0, "dropped_by_reason": {}}
 
 
+@pytest.mark.ros  # rclpy's own CDR serialisation
 def test_rclpy_reads_what_the_writer_wrote_and_the_reader_reads_rclpy_bytes(tmp_path):
     from rclpy.serialization import deserialize_message, serialize_message
     from rosbags.rosbag2 import Reader

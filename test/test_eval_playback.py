@@ -44,6 +44,7 @@ def _play(path, **options):
     return playback, out
 
 
+@pytest.mark.ros  # rclpy's own CDR serialisation
 def test_header_stamp_is_patched_in_little_and_big_endian_cdr():
     from rclpy.serialization import deserialize_message, serialize_message
     from sensor_msgs.msg import Image
@@ -123,6 +124,7 @@ def test_playback_errors_name_the_problem(tmp_path):
         BagPlayback(bag, PlaybackOptions(topics=["/cam"], latched_topics=["/vla/instruction"]))
 
 
+@pytest.mark.ros  # rclpy's own CDR serialisation
 def test_episode_recorder_new_bag_per_episode_latched_carry_over_and_bad_messages(tmp_path):
     from rclpy.serialization import serialize_message
     from sensor_msgs.msg import Image

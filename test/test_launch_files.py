@@ -73,17 +73,50 @@ class LaunchFile:
         return [c for c in self.calls if call_name(c) == "Node"]
 
     def config_files(self) -> list:
-        """Paths under config/ named as os.path.join(config, "a", "b.yaml") or as a bare "*.yaml"."""
+        """Paths under config/ named as PathJoinSubstitution([config, "a", "b.yaml"]), where `config` is
+        PathJoinSubstitution([FindPackageShare("openvla_ros"), "config"])."""
         found = []
         for c in self.calls:
-            if call_name(c) == "join" and c.args and isinstance(c.args[0], ast.Name) and c.args[0].id == "config":
-                parts = [a.value for a in c.args[1:] if isinstance(a, ast.Constant)]
-                if parts and parts[-1].endswith(".yaml"):
-                    found.append("/".join(parts))
+            if call_name(c) == "PathJoinSubstitution" and c.args and isinstance(c.args[0], ast.List):
+                elts = c.args[0].elts
+                if elts and isinstance(elts[0], ast.Name) and elts[0].id == "config":
+                    parts = [a.value for a in elts[1:] if isinstance(a, ast.Constant)]
+                    if parts and parts[-1].endswith(".yaml"):
+                        found.append("/".join(parts))
+        return found
+
+    def named_dicts(self) -> dict:
+        """`name = {...}` assignments (parameter dicts shared by several nodes)."""
+        return {t.id: n.value for n in ast.walk(self.tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict)
+                for t in n.targets if isinstance(t, ast.Name)}
+
+    def inline_parameters(self, node_call: ast.Call) -> dict:
+        """name -> value expression of the parameters a Node sets inline (dicts, or names of dicts)."""
+        found = {}
+        named = self.named_dicts()
+        for kw in node_call.keywords:
+            if kw.arg == "parameters" and isinstance(kw.value, ast.List):
+                for element in kw.value.elts:
+                    if isinstance(element, ast.Name) and element.id in named:
+                        element = named[element.id]
+                    if isinstance(element, ast.Dict):
+                        found.update({k.value: v for k, v in zip(element.keys, element.values)
+                                      if isinstance(k, ast.Constant)})
         return found
 
 
-def node_inline_parameters(node_call: ast.Call) -> set:
+def launch_argument_of(value: ast.AST):
+    """The launch argument a parameter value is, directly or through ParameterValue(...), or None."""
+    if isinstance(value, ast.Call) and call_name(value) == "ParameterValue" and value.args:
+        value = value.args[0]
+    if isinstance(value, ast.Call) and call_name(value) == "LaunchConfiguration":
+        return string_arg(value, 0, "variable_name")
+    return None
+
+
+def node_inline_parameters(node_call: ast.Call, launch: "LaunchFile | None" = None) -> set:
+    if launch is not None:
+        return set(launch.inline_parameters(node_call))
     names = set()
     for kw in node_call.keywords:
         if kw.arg == "parameters" and isinstance(kw.value, ast.List):
@@ -118,7 +151,7 @@ def test_launch_file_arguments_executables_configs_and_parameters(path):
         module, function = scripts[executable].split(":")
         assert callable(getattr(importlib.import_module(module), function))
         assert node_modules()[executable].__name__ == module  # the executable is named after the node
-        inline = node_inline_parameters(node)
+        inline = node_inline_parameters(node, launch)
         unknown = inline - declared_params(executable)
         assert not unknown, f"{path.name}: {executable} has no parameters {sorted(unknown)}"
 
@@ -128,13 +161,41 @@ def test_launch_file_arguments_executables_configs_and_parameters(path):
         assert (ROOT / "config" / rel).is_file(), f"{path.name}: config/{rel} does not exist"
 
 
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_a_launch_argument_setting_a_parameter_sets_it_on_every_node_that_has_it(path):
+    """e.g. base_frame: vla_node stamps its twists with it and ik_node refuses twists in any other frame."""
+    launch = LaunchFile(path)
+    nodes = {string_arg(n, keyword="executable"): launch.inline_parameters(n) for n in launch.nodes()}
+    for executable, params in nodes.items():
+        for name, value in params.items():
+            argument = launch_argument_of(value)
+            if argument != name:
+                continue
+            for other, other_params in nodes.items():
+                if name in declared_params(other) - ALWAYS_ALLOWED:
+                    assert launch_argument_of(other_params.get(name, ast.Constant(None))) == name, \
+                        f"{path.name}: argument {name!r} sets {executable}'s {name} but not {other}'s"
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_files_find_the_package_share_through_substitutions(path):
+    """Resolved when the launch description runs (FindPackageShare), not at import with os.path."""
+    launch = LaunchFile(path)
+    names = {call_name(c) for c in launch.calls}
+    assert "get_package_share_directory" not in names and "join" not in names
+    assert "FindPackageShare" in names
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(ROOT / "config").as_posix())
 def test_config_file_parameters_are_declared_by_their_nodes(path):
     data = yaml.safe_load(path.read_text()) or {}
     assert isinstance(data, dict)
     for section, body in data.items():
         assert isinstance(body, dict) and set(body) == {"ros__parameters"}, f"{path.name}: bad section {section!r}"
-        name = section.lstrip("/")
+        if section != "bringup" and section != "/**":
+            # A node in any namespace: `ros2 launch ... namespace:=left_arm` must still apply it.
+            assert section.startswith("/**/"), f"{path.name}: section {section!r} is not '/**/<node>'"
+        name = section.removeprefix("/**/").lstrip("/")
         if name == "bringup":
             read_bringup_file(path)  # raises on unknown nodes, keys or missing files
             continue

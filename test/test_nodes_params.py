@@ -96,9 +96,10 @@ def test_every_parameter_line_in_the_config_file_carries_a_comment():
             assert "#" in line, f"parameter line without a comment: {line!r}"
 
 
-def test_config_file_is_plain_yaml_with_one_node_section():
+def test_config_file_is_plain_yaml_with_one_node_section_for_any_namespace():
     data = yaml.safe_load(CONFIG.read_text())
-    assert list(data) == [NODE_NAME] and list(data[NODE_NAME]) == ["ros__parameters"]
+    key = f"/**/{NODE_NAME}"  # matches /vla_node and /left_arm/vla_node alike
+    assert list(data) == [key] and list(data[key]) == ["ros__parameters"]
 
 
 # ---------------------------------------------------------------------------------- with rclpy
@@ -133,15 +134,19 @@ def test_declared_parameters_take_overrides_and_reject_bad_start_values(rclpy_co
             node.destroy_node()
 
 
+# post_set=False is the path Humble takes (it has no post-set parameter callbacks), run here on
+# this rclpy's node; None lets the installed rclpy decide.
 @pytest.mark.ros
-def test_runtime_changes_are_validated_and_update_the_live_values(rclpy_context):
+@pytest.mark.parametrize("post_set", [None, False], ids=["installed-rclpy", "humble-path"])
+def test_runtime_changes_are_validated_and_update_the_live_values(rclpy_context, post_set):
     from rclpy.parameter import Parameter
 
     changes = []
     node = _node(rclpy_context)
     try:
         frozen = ParamSpec("frozen", 1.0, "read-only", read_only=True)
-        values = declare_parameters(node, [RATE, MODE, frozen], on_change=lambda n, v: changes.append((n, v)))
+        values = declare_parameters(node, [RATE, MODE, frozen], on_change=lambda n, v: changes.append((n, v)),
+                                    post_set=post_set)
         result = node.set_parameters([Parameter("mode", value="blend")])[0]
         assert not result.successful and "'blend'" in result.reason and "'mode'" in result.reason
         assert values["mode"] == "replace" and changes == []
@@ -150,5 +155,6 @@ def test_runtime_changes_are_validated_and_update_the_live_values(rclpy_context)
         assert node.set_parameters([Parameter("frozen", value=2.0)])[0].successful is False
         assert node.set_parameters([Parameter("mode", value="crossfade")])[0].successful
         assert values["mode"] == "crossfade" and changes == [("mode", "crossfade")]
+        assert node.get_parameter("mode").value == "crossfade"
     finally:
         node.destroy_node()

@@ -75,7 +75,7 @@ def test_closed_loop_in_one_process_moves_the_simulated_arm_through_ik_node(ros_
         sim, vla, ik = bringup["sim_node"], bringup["vla_node"], bringup["ik_node"]
         # Same parameter files as the launch file: the cell's settings reached every node.
         assert vla.params["base_frame"] == "panda_link0" and vla.params["start_enabled"]
-        assert ik.params["output_type"] == "joint_state" and ik.params["command_topic"] == "/joint_commands"
+        assert ik.params["output_type"] == "joint_state" and ik.resolve_topic_name(ik.params["command_topic"]) == "/joint_commands"
         assert ik.params["tip_frame"] == "panda_grasptarget" and ik.params["joint_state_timeout"] == 0.2
         probe = Probe(bringup._context, "bringup_probe")
         try:

@@ -262,7 +262,7 @@ def test_config_files_hold_every_parameter_and_validate():
     assert validated["joint_names"] == list(PANDA_ARM_JOINTS)
     assert validated["rest_posture"] == READY
     with open(PANDA_YAML) as f:
-        assert set(yaml.safe_load(f)["ik_node"]["ros__parameters"]) <= {s.name for s in PARAMS}
+        assert set(yaml.safe_load(f)["/**/ik_node"]["ros__parameters"]) <= {s.name for s in PARAMS}
 
 
 def test_list_parameters_with_empty_defaults_keep_their_element_type():

@@ -32,7 +32,7 @@ PARAMS = [
     # robot model (config/robots/<arm>.yaml); empty lists take the URDF's values
     ParamSpec("urdf_path", "", "URDF file (empty: robot_description)", read_only=True),
     ParamSpec("robot_description", "", "URDF XML, as robot_state_publisher's parameter", read_only=True),
-    ParamSpec("robot_description_topic", "/robot_description",
+    ParamSpec("robot_description_topic", "robot_description",
               "latched URDF topic used when no URDF parameter is set ('' = none)", read_only=True),
     ParamSpec("use_sim_urdf", False, "with no URDF set, use the simulated Panda's (never on a real arm)", read_only=True),
     ParamSpec("base_frame", KIN["base_frame"], "base frame: twists and the workspace box are in it", read_only=True),
@@ -74,13 +74,13 @@ PARAMS = [
               "slew the command back to the measured joints when they drift this far from it (raised to at least "
               "5 periods of motion at each joint's velocity limit)", "rad",
               min=1e-4, max=3.2),
-    ParamSpec("twist_topic", "/vla/eef_delta", "input twists (geometry_msgs/TwistStamped)", read_only=True),
-    ParamSpec("joint_states_topic", "/joint_states", "measured joint states (sensor_msgs/JointState)", read_only=True),
+    ParamSpec("twist_topic", "vla/eef_delta", "input twists (geometry_msgs/TwistStamped)", read_only=True),
+    ParamSpec("joint_states_topic", "joint_states", "measured joint states (sensor_msgs/JointState)", read_only=True),
     ParamSpec("output_type", OUTPUT_JOINT_TRAJECTORY, "message type of the joint targets", choices=OUTPUT_TYPES,
               read_only=True),
-    ParamSpec("command_topic", "/joint_trajectory_controller/joint_trajectory", "joint target topic", read_only=True),
-    ParamSpec("gripper_input_topic", "/vla/gripper_command", "gripper commands in (std_msgs/Float64)", read_only=True),
-    ParamSpec("gripper_command_topic", "/gripper/command", "where gripper commands are forwarded ('' = not forwarded)",
+    ParamSpec("command_topic", "joint_trajectory_controller/joint_trajectory", "joint target topic", read_only=True),
+    ParamSpec("gripper_input_topic", "vla/gripper_command", "gripper commands in (std_msgs/Float64)", read_only=True),
+    ParamSpec("gripper_command_topic", "gripper/command", "where gripper commands are forwarded ('' = not forwarded)",
               read_only=True),
     ParamSpec("status_rate_hz", 2.0, "rate of ~/status and /diagnostics", "Hz", min=0.1, max=50.0, read_only=True),
 ]

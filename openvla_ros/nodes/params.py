@@ -81,7 +81,8 @@ def validate_all(specs: Sequence[ParamSpec], values: dict) -> dict:
 
 
 def load_yaml_parameters(path, node_name: str) -> dict:
-    """`ros__parameters` for `node_name` in a ROS 2 parameter file (also the `/**` wildcard section)."""
+    """`ros__parameters` for `node_name` in a ROS 2 parameter file (also the `/**` and `/**/node_name`
+    wildcard sections, the latter how this package's files address a node in any namespace)."""
     import yaml
 
     path = Path(path)
@@ -89,7 +90,7 @@ def load_yaml_parameters(path, node_name: str) -> dict:
         raise ValueError(f"parameter file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
     params: dict = {}
-    for key in ("/**", node_name, f"/{node_name}"):
+    for key in ("/**", f"/**/{node_name}", node_name, f"/{node_name}"):
         section = data.get(key)
         if isinstance(section, dict):
             params.update(section.get("ros__parameters", {}) or {})
@@ -97,17 +98,21 @@ def load_yaml_parameters(path, node_name: str) -> dict:
 
 
 def declare_parameters(node, specs: Sequence[ParamSpec],
-                       on_change: Callable[[str, Any], None] | None = None) -> dict:
+                       on_change: Callable[[str, Any], None] | None = None, *, post_set: bool | None = None) -> dict:
     """Declare every spec on an rclpy node; returns the validated values. Invalid start values raise.
 
     The returned dict stays live: an accepted runtime change (``ros2 param set`` on a parameter
     that is not read-only) updates it, then ``on_change(name, value)`` runs. Invalid changes are
     rejected with the reason from `ParamSpec.validate`. Types are strict, as in rclcpp: a float
     parameter given an integer (``100`` instead of ``100.0``) is an error naming the parameter.
+    ``post_set`` picks the callback path (see `ros_compat.add_parameter_callbacks`; None: the
+    node's rclpy decides).
     """
     from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
     from rclpy.exceptions import ParameterException
     from rclpy.parameter import Parameter
+
+    from .ros_compat import add_parameter_callbacks
 
     values = {}
     for spec in specs:
@@ -155,6 +160,5 @@ def declare_parameters(node, specs: Sequence[ParamSpec],
             if on_change is not None:
                 on_change(p.name, values[p.name])
 
-    node.add_on_set_parameters_callback(on_set)
-    node.add_post_set_parameters_callback(after_set)
+    add_parameter_callbacks(node, on_set, after_set, post_set=post_set)
     return values

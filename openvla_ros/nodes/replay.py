@@ -154,18 +154,22 @@ def run_replay(engine, bag, out_dir, options: ReplayOptions | None = None, *, co
                 raise ValueError(f"vla_node base_frame {options.vla_parameters['base_frame']!r} differs from "
                                  f"ik_node's {ikp['base_frame']!r}: ik_node would refuse every twist")
             vla_params["base_frame"] = ikp["base_frame"]
-            if ikp["joint_states_topic"] != joint_states.topic:
-                remaps[joint_states.topic] = ikp["joint_states_topic"]
+            # ik_node's topic parameters may be relative: the recorder and the bag need absolute names.
+            joint_states_topic, command_topic = (ik.resolve_topic_name(ikp[k]) for k in ("joint_states_topic",
+                                                                                         "command_topic"))
+            if joint_states_topic != joint_states.topic:
+                remaps[joint_states.topic] = joint_states_topic
             played.append(joint_states.topic)
-            recorded_topics[ikp["command_topic"]] = _ik_command_msgtype(ikp["output_type"])
+            recorded_topics[command_topic] = _ik_command_msgtype(ikp["output_type"])
             if ikp["gripper_command_topic"]:
-                recorded_topics[ikp["gripper_command_topic"]] = MSG_FLOAT64
+                recorded_topics[ik.resolve_topic_name(ikp["gripper_command_topic"])] = MSG_FLOAT64
             recorded_topics[IK_STATUS_TOPIC] = IK_STATUS_MSGTYPE
             ik_info = {"params_files": [str(f) for f in options.ik_params_files],
                        "parameters": dict(options.ik_parameters), "source_joint_states_topic": joint_states.topic,
                        "source_joint_states": joint_states.count,
                        **{k: ikp[k] for k in ("base_frame", "tip_frame", "rate_hz", "output_type", "command_topic",
-                                              "gripper_command_topic", "joint_states_topic", "joint_state_timeout")}}
+                                              "gripper_command_topic", "joint_states_topic", "joint_state_timeout")},
+                       "command_topic": command_topic, "joint_states_topic": joint_states_topic}
             if ik.controller is None:  # no URDF parameter: it waits for robot_description_topic
                 _wait(lambda: ik.controller is not None, options.startup_timeout_s,
                       f"ik_node got no robot model (set --ik-param urdf_path:=FILE, or use_sim_urdf:=true for "

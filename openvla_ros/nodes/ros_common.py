@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from typing import Callable
 
 
 def latched_qos(depth: int = 1):
@@ -11,6 +13,68 @@ def latched_qos(depth: int = 1):
 
     return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def volatile_qos(depth: int = 10):
+    """Reliable + volatile: what `ros2 topic pub` (Jazzy on), Foxglove and rqt publish with."""
+    from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+    return QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+class TwoPathDeduplicator:
+    """Passes each message once that may arrive on two subscriptions of the same topic.
+
+    A latched (transient_local) publisher's message reaches both the volatile and the
+    transient_local subscription; a volatile publisher's only the volatile one (DDS matches a
+    transient_local reader only with transient_local writers), and a latched message published
+    before the node started only the transient_local one, as history. Messages carry no id that
+    Humble's rclpy hands to callbacks, so a copy is recognised by its content: a message equal to
+    one that came on the *other* path within `window_s` and has not been paired yet is the second
+    copy and is dropped. Repeats on one path (an operator re-sending the same text) all pass.
+    """
+
+    def __init__(self, window_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
+        self.window_s = float(window_s)
+        self.clock = clock
+        self._unpaired: list[tuple[float, str, object]] = []  # (arrival, path, key), oldest first
+
+    def accept(self, path: str, key) -> bool:
+        now = self.clock()
+        self._unpaired = [e for e in self._unpaired if now - e[0] <= self.window_s]
+        for i, (_, other_path, other_key) in enumerate(self._unpaired):
+            if other_path != path and other_key == key:
+                del self._unpaired[i]
+                return False
+        self._unpaired.append((now, path, key))
+        return True
+
+
+def subscribe_volatile_and_latched(node, msg_type, topic: str, callback, key=lambda msg: msg.data,
+                                   dedup: TwoPathDeduplicator | None = None):
+    """Subscribe so that every common publisher reaches `callback`, each message once.
+
+    A volatile reliable subscription matches volatile and transient_local publishers alike; a
+    second, transient_local one also receives what a latched publisher sent before this node
+    existed. Both run on the node's executor thread; `dedup` drops the second copy.
+    Returns the two subscriptions.
+    """
+    from .ros_compat import subscription_event_callbacks
+
+    dedup = dedup if dedup is not None else TwoPathDeduplicator()
+    # A volatile publisher never matches the transient_local subscription, by design: rclpy's
+    # default handler would log that as a warning for every such publisher.
+    expected_mismatch = subscription_event_callbacks(incompatible_qos=lambda _event: None)
+
+    def on(path):
+        def receive(msg):
+            if dedup.accept(path, key(msg)):
+                callback(msg)
+        return receive
+
+    return (node.create_subscription(msg_type, topic, on("volatile"), volatile_qos()),
+            node.create_subscription(msg_type, topic, on("latched"), latched_qos(), event_callbacks=expected_mismatch))
 
 
 def sensor_qos(depth: int = 1):
@@ -99,7 +163,15 @@ def call_service(node, srv_type, name: str, request, timeout: float = 10.0):
 
 
 class SpinningNode:
-    """A node spun by its own SingleThreadedExecutor on a background thread."""
+    """A node spun by its own SingleThreadedExecutor on a background thread.
+
+    `stop` ends the spin loop and joins the thread before it shuts the executor down: shutting an
+    executor down while another thread waits in it races on its guard condition in Jazzy's rclpy
+    (7.1.6 destroys it without waiting for the spinning thread, which then fails on None).
+    """
+
+    # How long one spin_once waits for work: the longest `stop` waits for the loop to notice.
+    POLL_S = 0.1
 
     def __init__(self, node, context):
         import threading
@@ -109,24 +181,28 @@ class SpinningNode:
         self.node = node
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(node)
+        self._stopping = threading.Event()
         self.thread = threading.Thread(target=self._spin, name=f"spin-{node.get_name()}", daemon=True)
         self.error: BaseException | None = None
         self.thread.start()
 
     def _spin(self):
-        from rclpy.executors import ExternalShutdownException
+        from rclpy.executors import ExternalShutdownException, ShutdownException
 
         try:
-            self.executor.spin()
-        except ExternalShutdownException:
+            while not self._stopping.is_set() and self.executor.context.ok():
+                self.executor.spin_once(timeout_sec=self.POLL_S)
+        except (ExternalShutdownException, ShutdownException):
             pass
         except BaseException as exc:  # surfaced by stop(): a callback raised inside the executor
             self.error = exc
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Shut the executor down, join the thread, destroy the node; re-raises a callback error."""
-        self.executor.shutdown(timeout_sec=timeout)
+        """End the spin loop, join the thread, shut the executor down, destroy the node; re-raises a
+        callback error."""
+        self._stopping.set()
         self.thread.join(timeout)
+        self.executor.shutdown(timeout_sec=timeout)
         close = getattr(self.node, "close", None)
         if close is not None:
             close()

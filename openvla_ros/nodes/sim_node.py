@@ -61,16 +61,19 @@ PARAMS = [
     ParamSpec("camera_fov_deg", _CAMERA.fov_deg, "vertical field of view", "deg", min=1.0, max=179.0, read_only=True),
     ParamSpec("camera_frame", "camera", "frame_id of the images", read_only=True),
     ParamSpec("base_frame", PANDA_BASE_FRAME, "frame_id of the tip and cube poses", read_only=True),
-    ParamSpec("joint_states_topic", "/joint_states", "joint state output", read_only=True),
-    ParamSpec("image_topic", "/camera/image_raw", "camera output (sensor_msgs/Image rgb8)", read_only=True),
-    ParamSpec("camera_info_topic", "/camera/camera_info", "camera intrinsics output", read_only=True),
-    ParamSpec("command_topic", "/joint_commands", "arm joint targets in", read_only=True),
+    ParamSpec("joint_states_topic", "joint_states", "joint state output", read_only=True),
+    ParamSpec("image_topic", "camera/image_raw", "camera output (sensor_msgs/Image rgb8)", read_only=True),
+    ParamSpec("camera_info_topic", "camera/camera_info", "camera intrinsics output", read_only=True),
+    ParamSpec("command_topic", "joint_commands", "arm joint targets in", read_only=True),
     ParamSpec("command_type", COMMAND_JOINT_STATE, "message type of the joint targets", choices=COMMAND_TYPES,
               read_only=True),
-    ParamSpec("gripper_topic", "/vla/gripper_command", "gripper opening in (std_msgs/Float64, 0 closed .. 1 open)",
+    ParamSpec("gripper_topic", "vla/gripper_command", "gripper opening in (std_msgs/Float64, 0 closed .. 1 open)",
               read_only=True),
-    ParamSpec("instruction_topic", "/vla/instruction", "instruction output (latched)", read_only=True),
+    ParamSpec("instruction_topic", "vla/instruction", "instruction output (latched)", read_only=True),
     ParamSpec("publish_instruction", True, "publish each episode's instruction", read_only=True),
+    ParamSpec("robot_description_topic", "robot_description", "where the simulated Panda's URDF is published, "
+              "latched, as robot_state_publisher does, for ik_node, RViz and Foxglove ('' = not published)",
+              read_only=True),
     ParamSpec("publish_tip_pose", True, "publish /sim/tip_pose at the joint state rate", read_only=True),
     ParamSpec("publish_cubes", True, "publish /sim/cubes/<colour> at the camera rate", read_only=True),
 ]
@@ -110,8 +113,8 @@ def _make_node_class():
             self.info_pub = self.create_publisher(CameraInfo, p["camera_info_topic"], image_qos)
             self.instruction_pub = (self.create_publisher(String, p["instruction_topic"], latched_qos())
                                     if p["publish_instruction"] else None)
-            self.tip_pub = self.create_publisher(PoseStamped, "/sim/tip_pose", 10) if p["publish_tip_pose"] else None
-            self.cube_pubs = ({c: self.create_publisher(PoseStamped, f"/sim/cubes/{c}", 10) for c in CUBE_COLOURS}
+            self.tip_pub = self.create_publisher(PoseStamped, "sim/tip_pose", 10) if p["publish_tip_pose"] else None
+            self.cube_pubs = ({c: self.create_publisher(PoseStamped, f"sim/cubes/{c}", 10) for c in CUBE_COLOURS}
                               if p["publish_cubes"] else {})
             self.clock_pub = None if p["real_time"] else self.create_publisher(Clock, "/clock", 10)
             self.status_pub = self.create_publisher(DiagnosticArray, "~/status", 10)
@@ -124,6 +127,11 @@ def _make_node_class():
             self._camera = camera
 
             scene = PandaScene(seed=p["seed"], physics_dt=1.0 / p["physics_hz"], camera=camera)
+            self.description_pub = None
+            if p["robot_description_topic"]:
+                self.description_pub = self.create_publisher(String, p["robot_description_topic"], latched_qos())
+                with open(scene.urdf_path, encoding="utf-8") as f:
+                    self.description_pub.publish(String(data=f.read()))
             self._renderer = None
             try:
                 if p["render_process"]:

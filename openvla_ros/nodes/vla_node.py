@@ -30,11 +30,11 @@ PARAMS = [
     ParamSpec("unnorm_key", "", "dataset key of the action statistics (empty: the only one)", read_only=True),
     ParamSpec("center_crop", False, "90% area centre crop, for models trained with augmentation", read_only=True),
     ParamSpec("rotate_180", False, "rotate camera images by 180 degrees (upside-down camera)", read_only=True),
-    ParamSpec("image_topic", "/camera/image_raw", "camera topic (raw; '/compressed' is appended for compressed)", read_only=True),
+    ParamSpec("image_topic", "camera/image_raw", "camera topic (raw; '/compressed' is appended for compressed)", read_only=True),
     ParamSpec("image_transport", "raw", "camera transport", choices=("raw", "compressed"), read_only=True),
-    ParamSpec("instruction_topic", "/vla/instruction", "instruction topic (std_msgs/String, latched)", read_only=True),
-    ParamSpec("twist_topic", "/vla/eef_delta", "output twist topic", read_only=True),
-    ParamSpec("gripper_topic", "/vla/gripper_command", "output gripper command topic", read_only=True),
+    ParamSpec("instruction_topic", "vla/instruction", "instruction topic (std_msgs/String; volatile and latched publishers)", read_only=True),
+    ParamSpec("twist_topic", "vla/eef_delta", "output twist topic", read_only=True),
+    ParamSpec("gripper_topic", "vla/gripper_command", "output gripper command topic", read_only=True),
     ParamSpec("base_frame", "base_link", "frame_id of the output twists (the arm's base frame)"),
     ParamSpec("control_rate_hz", 100.0, "rate of the twist stream", "Hz", min=1.0, max=1000.0, read_only=True),
     ParamSpec("status_rate_hz", 2.0, "rate of /vla/status and /diagnostics", "Hz", min=0.1, max=50.0, read_only=True),
@@ -121,8 +121,8 @@ def _make_node_class():
     from std_srvs.srv import SetBool, Trigger
     from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-    from .ros_common import (diagnostic_array, diagnostic_level, latched_qos, node_seconds, seconds_to_stamp,
-                             sensor_qos, stamp_to_seconds)
+    from .ros_common import (diagnostic_array, diagnostic_level, node_seconds, seconds_to_stamp, sensor_qos,
+                             stamp_to_seconds, subscribe_volatile_and_latched)
 
     class VlaNode(Node):
         def __init__(self, engine=None, **node_kwargs):
@@ -145,14 +145,15 @@ def _make_node_class():
             self.period = 1.0 / p["control_rate_hz"]
             self.twist_pub = self.create_publisher(TwistStamped, p["twist_topic"], 10)
             self.gripper_pub = self.create_publisher(Float64, p["gripper_topic"], 10)
-            self.chunk_pub = self.create_publisher(JointTrajectory, "/vla/action_chunk", 10) if p["publish_action_chunk"] else None
-            self.status_pub = self.create_publisher(DiagnosticArray, "/vla/status", 10)
+            self.chunk_pub = self.create_publisher(JointTrajectory, "vla/action_chunk", 10) if p["publish_action_chunk"] else None
+            self.status_pub = self.create_publisher(DiagnosticArray, "vla/status", 10)
             self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
             if p["image_transport"] == "compressed":
                 self.create_subscription(CompressedImage, p["image_topic"].rstrip("/") + "/compressed", self._on_compressed, sensor_qos())
             else:
                 self.create_subscription(Image, p["image_topic"], self._on_image, sensor_qos())
-            self.create_subscription(String, p["instruction_topic"], self._on_instruction, latched_qos())
+            # Volatile and latched publishers alike, and a latched instruction sent before this node started.
+            subscribe_volatile_and_latched(self, String, p["instruction_topic"], self._on_instruction)
             self.create_service(SetBool, "~/enable", self._on_enable)
             self.create_service(Trigger, "~/stop", self._on_stop)
             if p["gil_switch_interval_s"] > 0:
