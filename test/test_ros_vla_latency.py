@@ -92,8 +92,11 @@ def measured_stream(probe, start_vla, engine, execution="auto"):
     probe.publish(String, "/vla/instruction", String(data=INSTRUCTION), qos=latched_qos())
     camera = Camera(probe, rgb_to_image_fields(stripes(), "rgb8"))
     camera.start()
+    # A generous camera timeout: on a loaded machine the probe's camera timer can stall for longer
+    # than the default 0.5 s, and a stale-camera flush is not what this measures.
     start_vla(engine, parameter_overrides=[Parameter("start_enabled", value=True),
                                            Parameter("status_rate_hz", value=10.0),
+                                           Parameter("stale_image_timeout_s", value=2.0),
                                            Parameter("execution", value=execution)])
     first = probe.wait_for(TWIST, lambda m: m.twist.linear.x != 0.0, timeout=TIMEOUT)
     assert first is not None, "the arm never moved"
