@@ -235,7 +235,14 @@ def cmd_eval_latency(args) -> int:
         raise ValueError(f"--checkpoint is required with --engine {args.engine}")
     if args.checkpoint is not None and not args.center_crop:
         args.center_crop = checkpoint_center_crop(args.checkpoint, False)
-    engine = _engine_from_args(args)
+    if args.workers > 1:  # each worker process builds its own engine
+        import functools
+
+        from .engines import create_engine
+
+        engine = functools.partial(create_engine, args.engine, args.checkpoint, **_engine_options(args))
+    else:
+        engine = _engine_from_args(args)
     seeds = [eval_seed(DemoConfig(), i) for i in range(config.episodes)]
     cells_total = len(config.geometries) * len(config.latency_axis) * len(config.strategies)
     from tqdm.auto import tqdm
@@ -245,8 +252,8 @@ def cmd_eval_latency(args) -> int:
             progress.update(1)
             progress.set_postfix_str(f"{geometry} L={latency} {strategy}")
 
-        cells = run_latency_sweep(engine, seeds, config, on_episode=on_episode)
-    paths = write_sweep_report(cells, args.out, config, info={"checkpoint": args.checkpoint, "engine": engine.info()})
+        cells = run_latency_sweep(engine, seeds, config, on_episode=on_episode, workers=args.workers)
+    paths = write_sweep_report(cells, args.out, config, info={"checkpoint": args.checkpoint, "engine": args.engine})
     print(sweep_markdown(cells))
     print(f"reports written under {args.out}: {', '.join(p for p in paths.values() if p)}")
     return 0
@@ -451,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=20, help="seeded scenes per cell (the demo's evaluation seeds)")
     p.add_argument("--max-seconds", type=float, default=8.0, help="episode length in simulated seconds")
     p.add_argument("--jitter-seed", type=int, default=0, help="seed of the draws from --latency-file")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes running cells in parallel (one torch thread each; results do not depend on it)")
     p.set_defaults(func=cmd_eval_latency)
     p = evaluation.add_parser("topics", help="list a bag's topics, types and counts")
     p.add_argument("bag")

@@ -157,3 +157,21 @@ def test_prefix_decodes_each_chunk_after_the_committed_steps_of_the_latency(tiny
     assert second_stamp == pytest.approx(0.3)
     expected = 0.5 * (first.actions[1, :3] + first.actions[2, :3])
     np.testing.assert_allclose(second_prefix[0, :3], expected, atol=1e-9)
+
+
+def test_cells_do_not_depend_on_the_number_of_worker_processes(tiny_chunk_checkpoint):
+    import functools
+
+    from openvla_ros.engines import create_engine
+    from openvla_ros.sim.latency_sweep import run_latency_sweep
+
+    config = SweepConfig(latencies_s=(0.3,), strategies=("replace", "arrival"), geometries=("one_action",),
+                         episodes=1, max_seconds=0.6)
+    factory = functools.partial(create_engine, "torch", str(tiny_chunk_checkpoint))
+    serial = run_latency_sweep(factory, [SEED], config)
+    parallel = run_latency_sweep(factory, [SEED], config, workers=2)
+    assert [(c.strategy, c.success, c.path_length_m, c.jerk_rms) for c in serial] == \
+        [(c.strategy, c.success, c.path_length_m, c.jerk_rms) for c in parallel]
+    assert serial[1].path_length_m > 0  # arrival moved the arm, so the comparison compares motion
+    with pytest.raises(ValueError, match="workers > 1 needs a picklable engine factory"):
+        run_latency_sweep(factory(), [SEED], config, workers=2)

@@ -128,51 +128,112 @@ def _cell(geometry, latency, strategy, episodes) -> SweepCell:
 
 
 def run_latency_sweep(engine, seeds: Sequence[int], config: SweepConfig, *,
-                      on_episode: Callable[[str, object, str], None] | None = None) -> list[SweepCell]:
+                      on_episode: Callable[[str, object, str], None] | None = None,
+                      workers: int = 1) -> list[SweepCell]:
     """Every (geometry, latency, strategy) cell on the same seeded scenes; see the module docstring.
 
     ``seeds`` are scene seeds (the target cube and instruction follow from each); the first
     ``config.episodes`` are used. ``on_episode(geometry, latency, strategy)`` is called after each
-    episode (progress). Cells a geometry cannot run (``prefix`` on a one-action model or an engine
-    without forced-prefix decoding) are left out.
+    episode (progress; with several workers, for a cell's episodes once the cell is done). Cells a
+    geometry cannot run (``prefix`` on a one-action model or an engine without forced-prefix
+    decoding) are left out. ``workers`` > 1 runs cells in that many processes; ``engine`` must then
+    be a picklable zero-argument factory building the engine (each worker builds its own). The
+    cells do not depend on the number of workers: latencies are simulated, not measured.
     """
-    from openvla_ros.sim.closed_loop import EngineSource, closed_loop_episode, closed_loop_scene
-    from openvla_ros.sim.rollout import panda_kinematics
-    from openvla_ros.sim.scene import instruction_for, target_for_seed
-
     config = config.validated()
     seeds = list(seeds)[:config.episodes]
     if len(seeds) < config.episodes:
         raise ValueError(f"{config.episodes} episodes need as many seeds, got {len(seeds)}")
-    dt = float(engine.dt)
-    scene = closed_loop_scene(seeds[0], config.control_rate_hz)
-    kinematics = panda_kinematics()
-    cells = []
-    try:
-        for geometry in config.geometries:
-            source = EngineSource(engine, first_action_only=geometry == GEOMETRY_ONE_ACTION)
-            for latency in config.latency_axis:
-                for strategy in config.strategies:
-                    options = dict(STRATEGIES[strategy])
-                    if options.get("forced_prefix") and not source.supports_forced_prefix:
-                        continue
-                    rng = np.random.default_rng(config.jitter_seed)
-                    sampler = (lambda: float(rng.choice(config.measured_latencies_s))) if latency == MEASURED else None
-                    episodes = []
-                    for seed in seeds:
-                        target = target_for_seed(seed)
-                        scene.reset(seed)
-                        episodes.append(closed_loop_episode(
-                            scene, kinematics, source, target, instruction_for(target), policy=strategy, seed=seed,
-                            max_seconds=config.max_seconds, control_rate_hz=config.control_rate_hz,
-                            replan_period_s=0.0, sim_latency_s=None if sampler else float(latency),
-                            latency_sampler=sampler, check_period_s=dt, **options))
-                        if on_episode is not None:
-                            on_episode(geometry, latency, strategy)
-                    cells.append(_cell(geometry, latency, strategy, episodes))
-    finally:
-        scene.close()
-    return cells
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if workers == 1:
+        engine = engine() if callable(engine) and not hasattr(engine, "predict") else engine
+        runner = _CellRunner(engine, config.control_rate_hz, seeds[0])
+        try:
+            keys = [k for k in _cell_keys(config) if runner.can_run(*k)]
+            return [runner.run(*key, seeds, config, on_episode) for key in keys]
+        finally:
+            runner.close()
+    if hasattr(engine, "predict"):
+        raise ValueError("workers > 1 needs a picklable engine factory (each worker builds its engine), "
+                         f"got an engine instance {engine!r}")
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                initargs=(engine, config.control_rate_hz, seeds[0])) as pool:
+        keys = [k for k in _cell_keys(config) if pool.submit(_worker_can_run, *k).result()]
+        futures = {pool.submit(_worker_cell, *key, seeds, config): key for key in keys}
+        cells = {}
+        for future in concurrent.futures.as_completed(futures):
+            key = futures[future]
+            cells[key] = future.result()
+            if on_episode is not None:
+                for _ in range(len(seeds)):
+                    on_episode(*key)
+    return [cells[key] for key in keys]
+
+
+def _cell_keys(config: SweepConfig) -> list[tuple]:
+    return [(g, lat, s) for g in config.geometries for lat in config.latency_axis for s in config.strategies]
+
+
+class _CellRunner:
+    """One engine, scene and kinematics running cells (in the caller, or one per worker process)."""
+
+    def __init__(self, engine, control_rate_hz: float, first_seed: int):
+        from openvla_ros.sim.closed_loop import EngineSource, closed_loop_scene
+        from openvla_ros.sim.rollout import panda_kinematics
+
+        self.engine = engine
+        self.sources = {g: EngineSource(engine, first_action_only=g == GEOMETRY_ONE_ACTION) for g in GEOMETRIES}
+        self.scene = closed_loop_scene(first_seed, control_rate_hz)
+        self.kinematics = panda_kinematics()
+
+    def can_run(self, geometry: str, latency, strategy: str) -> bool:
+        return not STRATEGIES[strategy].get("forced_prefix") or self.sources[geometry].supports_forced_prefix
+
+    def run(self, geometry: str, latency, strategy: str, seeds: Sequence[int], config: SweepConfig,
+            on_episode=None) -> SweepCell:
+        from openvla_ros.sim.closed_loop import closed_loop_episode
+        from openvla_ros.sim.scene import instruction_for, target_for_seed
+
+        rng = np.random.default_rng(config.jitter_seed)
+        sampler = (lambda: float(rng.choice(config.measured_latencies_s))) if latency == MEASURED else None
+        episodes = []
+        for seed in seeds:
+            target = target_for_seed(seed)
+            self.scene.reset(seed)
+            episodes.append(closed_loop_episode(
+                self.scene, self.kinematics, self.sources[geometry], target, instruction_for(target), policy=strategy,
+                seed=seed, max_seconds=config.max_seconds, control_rate_hz=config.control_rate_hz,
+                replan_period_s=0.0, sim_latency_s=None if sampler else float(latency), latency_sampler=sampler,
+                check_period_s=float(self.engine.dt), **STRATEGIES[strategy]))
+            if on_episode is not None:
+                on_episode(geometry, latency, strategy)
+        return _cell(geometry, latency, strategy, episodes)
+
+    def close(self) -> None:
+        self.scene.close()
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(factory, control_rate_hz: float, first_seed: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core
+    _WORKER["runner"] = _CellRunner(factory(), control_rate_hz, first_seed)
+
+
+def _worker_can_run(geometry, latency, strategy) -> bool:
+    return _WORKER["runner"].can_run(geometry, latency, strategy)
+
+
+def _worker_cell(geometry, latency, strategy, seeds, config) -> SweepCell:
+    return _WORKER["runner"].run(geometry, latency, strategy, seeds, config)
 
 
 def _fmt(value, digits=2):
