@@ -166,14 +166,15 @@ ROSDEP_KEY = {
     "launch": "launch", "launch_ros": "launch_ros", "ament_index_python": "ament_index_python",
     "pinocchio": "pinocchio",
     "numpy": "python3-numpy", "yaml": "python3-yaml", "cv2": "python3-opencv", "PIL": "python3-pil",
-    "matplotlib": "python3-matplotlib", "h5py": "python3-h5py", "tqdm": "python3-tqdm", "torch": "python3-torch",
-    "torchvision": "python3-torchvision", "transformers": "python3-transformers-pip", "timm": "python3-timm-pip",
+    "matplotlib": "python3-matplotlib", "h5py": "python3-h5py", "tqdm": "python3-tqdm",
+    "transformers": "python3-transformers-pip", "timm": "python3-timm-pip",
     "rosbags": "python3-rosbags-pip", "pybullet": "python3-pybullet-pip", "pybullet_data": "python3-pybullet-pip",
     "onnxruntime": "python3-onnxruntime-pip",
 }
-# No rosdep key exists for these (pip only; package.xml says so in a comment). apsw comes with rosbags.
+# Installed with pip (package.xml says why in a comment): no rosdep key exists, or (torch,
+# torchvision) the key's apt build is CPU-only. apsw comes with rosbags.
 NO_ROSDEP_KEY = {"safetensors", "tokenizers", "accelerate", "peft", "onnx", "onnxscript", "bitsandbytes", "tensorrt",
-                 "apsw"}
+                 "apsw", "torch", "torchvision"}
 
 
 def _third_party_imports() -> dict[str, str]:
