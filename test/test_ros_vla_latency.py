@@ -83,21 +83,29 @@ class DelayedChunkEngine:
         return {"engine": self.name}
 
 
-def measured_stream(probe, start_vla, engine, execution="auto"):
-    """Mean twist x velocity over MEASURE_S after the first moving twist, the share of moving ticks,
-    the largest step between consecutive twists there, and the last status."""
+def start_following(probe, start_vla, engine, execution):
+    """vla_node following the latched instruction on a streaming camera; returns the camera.
+
+    A generous camera timeout: on a loaded machine the probe's camera timer can stall for longer
+    than the default 0.5 s, and a stale-camera flush is not what these tests measure.
+    """
     from rclpy.parameter import Parameter
     from std_msgs.msg import String
 
     probe.publish(String, "/vla/instruction", String(data=INSTRUCTION), qos=latched_qos())
     camera = Camera(probe, rgb_to_image_fields(stripes(), "rgb8"))
     camera.start()
-    # A generous camera timeout: on a loaded machine the probe's camera timer can stall for longer
-    # than the default 0.5 s, and a stale-camera flush is not what this measures.
     start_vla(engine, parameter_overrides=[Parameter("start_enabled", value=True),
                                            Parameter("status_rate_hz", value=10.0),
                                            Parameter("stale_image_timeout_s", value=2.0),
                                            Parameter("execution", value=execution)])
+    return camera
+
+
+def measured_stream(probe, start_vla, engine, execution="auto"):
+    """Mean twist x velocity over MEASURE_S after the first moving twist, the share of moving ticks,
+    the largest step between consecutive twists there, and the last status."""
+    camera = start_following(probe, start_vla, engine, execution)
     first = probe.wait_for(TWIST, lambda m: m.twist.linear.x != 0.0, timeout=TIMEOUT)
     assert first is not None, "the arm never moved"
     started = time.monotonic()
@@ -149,15 +157,7 @@ def test_forcing_timeline_execution_shows_why_auto_exists(probe, start_vla):
     # The released model's geometry at a desktop GPU's latency, played latency-compensated: each
     # one-action chunk is already over when it lands, so the arm does not move.
     engine = DelayedChunkEngine(0.25, chunk_len=1, dt=0.2)
-    from rclpy.parameter import Parameter
-    from std_msgs.msg import String
-
-    probe.publish(String, "/vla/instruction", String(data=INSTRUCTION), qos=latched_qos())
-    camera = Camera(probe, rgb_to_image_fields(stripes(), "rgb8"))
-    camera.start()
-    start_vla(engine, parameter_overrides=[Parameter("start_enabled", value=True),
-                                           Parameter("status_rate_hz", value=10.0),
-                                           Parameter("execution", value="timeline")])
+    camera = start_following(probe, start_vla, engine, "timeline")
     status = probe.wait_for(STATUS, lambda m: int(status_values(m).get("buffer.rejected_by_reason.expired", 0)) >= 3,
                             timeout=TIMEOUT)
     camera.stop()
@@ -167,19 +167,11 @@ def test_forcing_timeline_execution_shows_why_auto_exists(probe, start_vla):
 
 def test_prefix_execution_decodes_chunks_after_the_actions_committed_during_the_latency(tiny_chunk_checkpoint,
                                                                                       probe, start_vla):
-    from rclpy.parameter import Parameter
-    from std_msgs.msg import String
-
     from openvla_ros.engines.torch_engine import TorchEngine
     from openvla_ros.nodes.ros_common import stamp_to_seconds
 
     engine = TorchEngine(tiny_chunk_checkpoint)  # K = 4 actions of 0.2 s
-    probe.publish(String, "/vla/instruction", String(data=INSTRUCTION), qos=latched_qos())
-    camera = Camera(probe, rgb_to_image_fields(stripes(), "rgb8"))
-    camera.start()
-    start_vla(engine, parameter_overrides=[Parameter("start_enabled", value=True),
-                                           Parameter("status_rate_hz", value=10.0),
-                                           Parameter("execution", value="prefix")])
+    camera = start_following(probe, start_vla, engine, "prefix")
     # Once a latency is measured, each chunk is decoded after ceil(p95 latency / dt) committed steps
     # (1 on a quiet machine, more on a loaded one) and holds only the K - P free actions.
     chunk = probe.wait_for(CHUNK, lambda m: len(m.points) < 4, timeout=TIMEOUT)
