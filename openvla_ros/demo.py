@@ -1109,9 +1109,11 @@ def _ik_steps(ik) -> int:
 
 
 def _underruns(vla) -> int:
-    from openvla_ros.control.vla_controller import HOLD_UNDERRUN
+    """Ticks with nothing to play: underruns, and those after an instruction flushed the plan."""
+    from openvla_ros.control.vla_controller import HOLD_NEW_INSTRUCTION, HOLD_UNDERRUN
 
-    return int(vla.controller.counters.holds.get(HOLD_UNDERRUN, 0))
+    holds = vla.controller.counters.holds
+    return int(holds.get(HOLD_UNDERRUN, 0) + holds.get(HOLD_NEW_INSTRUCTION, 0))
 
 
 def ros_episode(bringup, monitor: GraphMonitor, seed: int, target: str, *, policy: str = POLICY_MODEL,

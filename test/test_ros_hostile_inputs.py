@@ -27,7 +27,7 @@ TIMEOUT = 10.0  # liveness bound; phases finish far sooner
 CAMERA_HZ = 30.0
 STALE_S = 0.3  # stale_image_timeout_s of the node under test
 SETTLE_S = STALE_S + 0.4  # after this long in a bad phase the arm must hold
-PHASE_S = SETTLE_S + 1.0
+WINDOW_TWISTS, WINDOW_STATUSES = 40, 4  # what a phase observes after settling (~0.4 s unloaded)
 MAX_LINEAR, MAX_ANGULAR = 0.5, 2.0  # vla_node defaults
 
 
@@ -72,6 +72,26 @@ class Stream:
 
 
 # vla_node ----------------------------------------------------------------------------------------
+def stamped_since(probe, topic, stamp: float) -> list:
+    """Messages on `topic` whose header stamp is at or after `stamp` (ROS time): what the node sent
+    after that instant, however late a loaded machine delivered it to the probe."""
+    return [m for m in probe.messages(topic) if stamp_to_seconds(m.header.stamp) >= stamp]
+
+
+def observe(probe, twist_topic, status_topic, twists=WINDOW_TWISTS, statuses=WINDOW_STATUSES):
+    """From now on, wait (liveness-bounded) until `twists` commands and `statuses` status messages
+    the node sent after now have arrived; returns both lists."""
+    since = stamp_to_seconds(probe.now_msg())
+
+    def enough():
+        return (len(stamped_since(probe, twist_topic, since)) >= twists
+                and len(stamped_since(probe, status_topic, since)) >= statuses)
+
+    wait_until(enough, TIMEOUT)
+    return (stamped_since(probe, twist_topic, since),
+            [status_values(m) for m in stamped_since(probe, status_topic, since)])
+
+
 def compressed(probe, data, fmt="rgb8; jpeg compressed bgr8", stamp_offset=0.0):
     from sensor_msgs.msg import CompressedImage
 
@@ -139,10 +159,8 @@ def test_vla_node_survives_hostile_camera_and_instruction_streams_holds_names_th
         for name, make, holds, reason in bad_phases:
             camera.make = make
             sent_before = camera.sent
-            t0 = time.monotonic()
-            time.sleep(PHASE_S)
-            settled = [m for r in probe.received("/vla/eef_delta", since=t0 + SETTLE_S) for m in [r.msg]]
-            statuses = [status_values(m) for m in probe.messages("/vla/status", since=t0 + SETTLE_S)]
+            time.sleep(SETTLE_S)
+            settled, statuses = observe(probe, "/vla/eef_delta", "/vla/status")
             assert settled and statuses, f"{name}: node silent (dead?)"
             moving = sum(bool(np.any(twist_vectors(m)[0]) or np.any(twist_vectors(m)[1])) for m in settled)
             assert moving == 0, f"{name}: {moving} moving twists while the camera was bad"
@@ -232,10 +250,8 @@ def test_vla_node_survives_hostile_raw_frames(rclpy_context, probe, torch_engine
         for name, make, reason in bad_phases:
             camera.make = make
             sent_before = camera.sent
-            t0 = time.monotonic()
-            time.sleep(PHASE_S)
-            settled = probe.messages("/vla/eef_delta", since=t0 + SETTLE_S)
-            statuses = [status_values(m) for m in probe.messages("/vla/status", since=t0 + SETTLE_S)]
+            time.sleep(SETTLE_S)
+            settled, statuses = observe(probe, "/vla/eef_delta", "/vla/status")
             assert settled and statuses, f"{name}: node silent"
             assert all(not np.any(twist_vectors(m)[0]) and not np.any(twist_vectors(m)[1]) for m in settled), name
             assert {s["state"] for s in statuses} == {"bad_camera"}, name
@@ -344,14 +360,15 @@ def test_ik_node_under_hostile_twists_and_joint_states_never_leaves_its_limits_h
         for kind, mode, held, reason in phases:
             twist_mode["kind"], arm["mode"] = kind, mode
             sent = (twists.sent, states.sent)
-            t0 = time.monotonic()
-            time.sleep(1.0)
-            statuses = [status_values(m) for m in probe.messages("/ik_node/status", since=t0 + 0.4)]
-            assert statuses, f"{kind}/{mode}: ik_node silent"
+            time.sleep(0.4)  # past command_timeout / joint_state_timeout (0.1 s) with margin
+            settled, statuses = observe(probe, CMD, "/ik_node/status")
+            assert settled and statuses, f"{kind}/{mode}: ik_node silent"
             if held is not None:
-                cmds = [np.array(m.position) for m in probe.messages(CMD, since=t0 + 0.4)]
+                cmds = [np.array(m.position) for m in settled]
                 assert cmds and all(np.array_equal(c, cmds[0]) for c in cmds), f"{kind}/{mode}: moved while bad"
-                assert {s["state"] for s in statuses} == {held}, (kind, mode, {s["state"] for s in statuses})
+                # A loaded machine may deliver the arm's joint states late (stale_joint_states): also a hold.
+                seen = {s["state"] for s in statuses}
+                assert held in seen and seen <= {held, "stale_joint_states"}, (kind, mode, seen)
                 assert reason in statuses[-1]["last_error"], (kind, mode, statuses[-1]["last_error"])
             TALLY.record(f"ik_node: twists {kind}", count=twists.sent - sent[0], accepted=kind in ("good", "huge"))
             TALLY.record(f"ik_node: joint states {mode}", count=states.sent - sent[1], accepted=mode == "echo")

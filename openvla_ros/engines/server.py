@@ -375,9 +375,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value_text)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client left before its answer: nothing to do
+            self.close_connection = True
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -521,6 +524,16 @@ class ActHTTPServer(ThreadingHTTPServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def handle_error(self, request, client_address):
+        """A handler that raised: logged (socketserver would print a traceback to stderr)."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # a client that vanished mid-exchange
+            logger.debug("connection from %s ended: %r", client_address, exc)
+        else:
+            logger.exception("request from %s failed", client_address)
 
     def process_request_thread(self, request, client_address):
         try:

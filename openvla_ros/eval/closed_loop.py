@@ -351,7 +351,8 @@ def underrun_fraction(stream: RecordedStream, window_ns: tuple[int, int]) -> dic
         return {"underrun_fraction": None, "steady_ticks": 0, "underrun_ticks": 0}
     first, last = stream.status[inside[0]], stream.status[inside[-1]]
     ticks = _int(last, "ticks") - _int(first, "ticks")
-    underruns = _int(last, "holds.underrun") - _int(first, "holds.underrun")
+    # Ticks with nothing to play: plain underruns and those right after an instruction flushed the plan.
+    underruns = sum(_int(last, f"holds.{k}") - _int(first, f"holds.{k}") for k in ("underrun", "new_instruction"))
     return {"underrun_fraction": underruns / ticks if ticks > 0 else None, "steady_ticks": ticks,
             "underrun_ticks": underruns}
 

@@ -258,7 +258,8 @@ def spin_node(node_factory, args=None) -> int:
                     close()
                 node.destroy_node()
         finally:
-            rclpy.try_shutdown()
+            if rclpy.ok():
+                rclpy.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return 0
