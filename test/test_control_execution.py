@@ -252,3 +252,16 @@ def test_committed_steps_cover_the_latency_and_leave_one_action_free():
     assert buffer_execution("prefix") == EXECUTION_TIMELINE and buffer_execution("auto") == EXECUTION_AUTO
     with pytest.raises(ValueError, match="execution must be one of .*'later'"):
         buffer_execution("later")
+
+
+@pytest.mark.parametrize("policy", ["replace", "crossfade", "ensemble"])
+def test_status_while_the_last_action_is_held_reports_no_plan_left(policy):
+    clock = Clock()
+    buffer = ChunkBuffer(policy=policy, execution=EXECUTION_ARRIVAL, arrival_hold_s=1.0, clock=clock)
+    clock.t = 0.3
+    buffer.push(chunk_of([0.05], stamp=0.0), buffer.epoch)  # plays [0.3, 0.5), holds after
+    clock.t = 0.7
+    assert not buffer.sample(0.7, period=PERIOD).is_zero  # held
+    status = buffer.status(0.7)
+    assert status["depth_s"] == 0.0 and status["state"] == STATE_OK and status["held_ticks"] == 1
+    assert buffer.depth_s(0.7) == 0.0

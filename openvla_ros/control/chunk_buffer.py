@@ -627,7 +627,7 @@ class ChunkBuffer:
         if self._stopped or self._value_at(t) is None:
             return 0.0, 0
         if self.policy == POLICY_ENSEMBLE:
-            live = [e for e in self._entries if e.end > t]
+            live = [e for e in self._entries if e.hold_end > t]  # what covers t, holds included
         else:
             started = [e for e in self._entries if e.start <= t]
             live = started[-1:] + [e for e in self._entries if e.start > t]
