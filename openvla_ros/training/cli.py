@@ -46,6 +46,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     topics.add_argument("--typestore", default=None)
     topics.add_argument("--camera", help="HDF5: camera under observations/images")
     topics.add_argument("--action-dims", default=None, help="comma-separated action dim names")
+    topics.add_argument("--action-fields", default=None,
+                        help="bags with a custom action message type: comma-separated fields to use "
+                             "(default: every number in the message, header excluded)")
     train = parser.add_argument_group("training")
     train.add_argument("--chunk", type=int, default=None, help="K actions per call (default: the base's)")
     train.add_argument("--normalization", default=DEFAULT_NORMALIZATION, choices=NORMALIZATION_TYPES)
@@ -114,7 +117,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         image_topic=args.image_topic, instruction=args.instruction, instruction_topic=args.instruction_topic,
         action_topic=args.action_topic, gripper_topic=args.gripper_topic, dt=args.dt, sync=args.sync,
         tolerance=args.tolerance, stride=args.stride, typestore=args.typestore, camera=args.camera,
-        action_dim_names=args.action_dims.split(",") if args.action_dims else None)
+        action_dim_names=args.action_dims.split(",") if args.action_dims else None,
+        action_fields=args.action_fields.split(",") if args.action_fields else None)
     full = args.full or args.from_scratch
     return TrainConfig(
         out_dir=args.out,

@@ -29,7 +29,7 @@ from ..vla.preprocess import prepare_image
 log = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-BAG_SUFFIXES = (".db3", ".mcap")
+BAG_SUFFIXES = (".db3", ".mcap", ".bag")  # .bag: ROS 1
 SHARD_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
@@ -54,6 +54,7 @@ class EpisodeReadOptions:
     typestore: str | None = None
     camera: str | None = None  # HDF5: None = the file's only camera
     action_dim_names: Sequence[str] | None = None  # HDF5 / Float64MultiArray dims
+    action_fields: Sequence[str] | None = None  # bags: fields of a custom action message type (default: all numbers)
 
     @property
     def control_period_s(self) -> float:
@@ -63,6 +64,9 @@ class EpisodeReadOptions:
         """JSON-able identity (part of the cache key)."""
         out = asdict(self)
         out["action_dim_names"] = None if self.action_dim_names is None else list(self.action_dim_names)
+        out["action_fields"] = None if self.action_fields is None else list(self.action_fields)
+        if out["action_fields"] is None:
+            del out["action_fields"]  # keeps the cache keys of episodes read before the option existed
         return out
 
 
@@ -174,7 +178,7 @@ def read_bag_episode(path: Path, options: EpisodeReadOptions, image_size: int = 
         instruction_topic=options.instruction_topic, truth_topic=options.action_topic,
         gripper_topic=options.gripper_topic, dt=options.control_period_s, sync=options.sync,
         tolerance=options.tolerance, typestore=options.typestore, stride=options.stride,
-        truth_dim_names=options.action_dim_names))
+        truth_dim_names=options.action_dim_names, truth_fields=options.action_fields))
     if not frames.frames:
         raise EpisodeError(f"episode {path.name!r} ({path}) has no frames with an action "
                            f"(sync report: {frames.report.as_dict()})")
