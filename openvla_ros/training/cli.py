@@ -46,6 +46,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     topics.add_argument("--typestore", default=None)
     topics.add_argument("--camera", help="HDF5: camera under observations/images")
     topics.add_argument("--action-dims", default=None, help="comma-separated action dim names")
+    topics.add_argument("--jpeg-channels", default="rgb", choices=("rgb", "bgr"),
+                        help="HDF5 JPEG buffers: rgb = standard JPEGs; bgr = written by cv2.imencode from RGB arrays "
+                             "(ACT's recorder), so stored swapped")
     topics.add_argument("--action-fields", default=None,
                         help="bags with a custom action message type: comma-separated fields to use "
                              "(default: every number in the message, header excluded)")
@@ -118,7 +121,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         action_topic=args.action_topic, gripper_topic=args.gripper_topic, dt=args.dt, sync=args.sync,
         tolerance=args.tolerance, stride=args.stride, typestore=args.typestore, camera=args.camera,
         action_dim_names=args.action_dims.split(",") if args.action_dims else None,
-        action_fields=args.action_fields.split(",") if args.action_fields else None)
+        action_fields=args.action_fields.split(",") if args.action_fields else None,
+        jpeg_channels=args.jpeg_channels)
     full = args.full or args.from_scratch
     return TrainConfig(
         out_dir=args.out,

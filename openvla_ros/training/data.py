@@ -54,6 +54,9 @@ class EpisodeReadOptions:
     typestore: str | None = None
     camera: str | None = None  # HDF5: None = the file's only camera
     action_dim_names: Sequence[str] | None = None  # HDF5 / Float64MultiArray dims
+    # HDF5 JPEG buffers: "rgb" for standard JPEGs (decoded as a viewer shows them), "bgr" for files
+    # whose writer passed RGB arrays to cv2.imencode (ACT's recorder), so the file holds them swapped.
+    jpeg_channels: str = "rgb"
     action_fields: Sequence[str] | None = None  # bags: fields of a custom action message type (default: all numbers)
 
     @property
@@ -65,8 +68,9 @@ class EpisodeReadOptions:
         out = asdict(self)
         out["action_dim_names"] = None if self.action_dim_names is None else list(self.action_dim_names)
         out["action_fields"] = None if self.action_fields is None else list(self.action_fields)
-        if out["action_fields"] is None:
-            del out["action_fields"]  # keeps the cache keys of episodes read before the option existed
+        for added, default in (("action_fields", None),):
+            if out[added] == default:
+                del out[added]  # keeps the cache keys of episodes read before the option existed
         return out
 
 
@@ -200,17 +204,17 @@ def _decode_language(value) -> str:
     return str(value)
 
 
-def _hdf5_images(dataset, compressed: bool, where: str) -> list[np.ndarray]:
+def _hdf5_images(dataset, compressed: bool, where: str, stored: str = "rgb") -> list[np.ndarray]:
     data = dataset[()]
     if compressed or data.ndim == 2:  # ACT's compressed layout: one zero-padded JPEG buffer per frame
-        import cv2
+        from ..data.images import decode_image_bytes
 
         images = []
         for i, buffer in enumerate(data):
-            decoded = cv2.imdecode(np.asarray(buffer, dtype=np.uint8), cv2.IMREAD_COLOR)
-            if decoded is None:
-                raise EpisodeError(f"{where}: frame {i} is not a decodable image buffer")
-            images.append(decoded)  # ACT encodes its RGB arrays as they are, so channel order is kept
+            try:  # trailing zero padding after the JPEG's end marker is ignored by the decoder
+                images.append(decode_image_bytes(np.asarray(buffer, dtype=np.uint8), stored, f"{where}: frame {i}"))
+            except ValueError as exc:
+                raise EpisodeError(str(exc)) from None
         return images
     if data.ndim != 4 or data.shape[3] != 3:
         raise EpisodeError(f"{where}: expected N x H x W x 3 images, got shape {data.shape}")
@@ -242,7 +246,8 @@ def read_hdf5_episode(path: Path, options: EpisodeReadOptions, image_size: int =
         actions = np.asarray(f["action"][()], dtype=np.float64)
         if actions.ndim == 1:
             actions = actions[:, None]
-        images = _hdf5_images(f[f"observations/images/{camera}"], bool(f.attrs.get("compress", False)), where)
+        images = _hdf5_images(f[f"observations/images/{camera}"], bool(f.attrs.get("compress", False)), where,
+                              options.jpeg_channels)
         instruction = options.instruction
         if instruction is None:
             if "language_raw" not in f:
