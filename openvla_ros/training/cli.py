@@ -24,8 +24,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     base.add_argument("--from-scratch", action="store_true",
                       help="train a randomly initialised tiny model (all parts, no LoRA)")
     parser.add_argument("--data", action="append", nargs="+", required=True, metavar="PATH",
-                        help="episodes of one dataset: bags (dir/.db3/.mcap), HDF5 files, or folders of them; "
-                             "repeat --data for a mixture")
+                        help="episodes of one dataset: bags (dir/.db3/.mcap, ROS 1 .bag), HDF5 files, LeRobot "
+                             "datasets (v3.0/v2.1 roots), RLDS datasets (features.json + tfrecords), or folders of "
+                             "them; repeat --data for a mixture")
     parser.add_argument("--dataset-name", action="append", default=None, metavar="NAME",
                         help="statistics key of each --data group (default: 'dataset', or 'dataset_<i>')")
     parser.add_argument("--weight", action="append", type=float, default=None, metavar="W",
@@ -44,7 +45,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     topics.add_argument("--tolerance", type=float, default=0.05)
     topics.add_argument("--stride", type=int, default=1)
     topics.add_argument("--typestore", default=None)
-    topics.add_argument("--camera", help="HDF5: camera under observations/images")
+    topics.add_argument("--camera", help="HDF5: camera under observations/images; LeRobot: camera feature "
+                                         "(e.g. observation.images.top); RLDS: image key under observation/")
+    topics.add_argument("--action-key", default=None, help="LeRobot: the action feature (default 'action')")
+    topics.add_argument("--rlds-config", default=None, metavar="YAML",
+                        help="RLDS: key mapping (image, action [list to concatenate], language, action_dim_names, dt, "
+                             "split), or one such mapping per dataset name")
     topics.add_argument("--action-dims", default=None, help="comma-separated action dim names")
     topics.add_argument("--jpeg-channels", default="rgb", choices=("rgb", "bgr"),
                         help="HDF5 JPEG buffers: rgb = standard JPEGs; bgr = written by cv2.imencode from RGB arrays "
@@ -122,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         tolerance=args.tolerance, stride=args.stride, typestore=args.typestore, camera=args.camera,
         action_dim_names=args.action_dims.split(",") if args.action_dims else None,
         action_fields=args.action_fields.split(",") if args.action_fields else None,
-        jpeg_channels=args.jpeg_channels)
+        jpeg_channels=args.jpeg_channels, action_key=args.action_key, rlds_config=args.rlds_config)
     full = args.full or args.from_scratch
     return TrainConfig(
         out_dir=args.out,
