@@ -450,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=run_from_args)
 
+    # Dataset formats: bags <-> LeRobot v3.0, RLDS -> bags.
+    from .convert import add_convert_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="demonstrations between formats: bags -> LeRobot v3.0, "
+                                                         "LeRobot/RLDS -> bags (for eval replay / eval bag)"))
+
     p = bench.add_parser("ik", help="IK step and camera frame cost on the Panda")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--frames", type=int, default=20)
