@@ -53,7 +53,7 @@ setup(
         ],
         "sim": ["pybullet", "pin"],
         "eval": ["rosbags", "matplotlib"],
-        "train": ["peft", "accelerate", "h5py", "pyarrow", "av", "tfrecord"],
+        "train": ["peft", "accelerate", "h5py", "pyarrow", "av", "tfrecord", "tensorboard"],
         # LeRobot datasets (parquet + mp4) and RLDS tfrecords, without TensorFlow
         "data": ["pyarrow", "av", "tfrecord"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],

@@ -96,13 +96,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="random image translation by up to PX pixels (0: none)")
     train.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers, metavar="N",
                        help="DataLoader worker processes building batches (0: in the training process)")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present, else cpu), cpu, cuda, cuda:N")
+    train.add_argument("--report-to", nargs="+", default=DEFAULTS.report_to, choices=("tensorboard", "wandb", "none"),
+                       help="trackers besides train_log.csv: tensorboard (when installed; default), wandb")
     train.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     train.add_argument("--save-every", type=int, default=DEFAULTS.save_every)
     train.add_argument("--snapshot-every", type=int, default=DEFAULTS.snapshot_every, metavar="N",
                        help="also export a complete checkpoint every N steps under OUT/snapshots/step_NNNNNN (0: none)")
     train.add_argument("--log-every", type=int, default=DEFAULTS.log_every)
     train.add_argument("--max-val-samples", type=int, default=DEFAULTS.max_val_samples)
+    train.add_argument("--learning-check-samples", type=int, default=DEFAULTS.learning_check_samples, metavar="N",
+                       help="held-out samples decoded at each evaluation to compare the model with the mean-action "
+                            "predictor, shuffled images and swapped instructions (run_summary.json; 0: off)")
     train.add_argument("--cache-dir", default=None)
     train.add_argument("--no-resume", action="store_true", help="start over even if OUT has a saved state")
     train.add_argument("--save-adapter", action="store_true", help="also write the LoRA adapter alone")
@@ -144,9 +149,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_parts=list(MODEL_PARTS) if full else list(args.train), quantize=args.quantize,
         gradient_checkpointing=args.gradient_checkpointing, augment=not args.no_augment, augment_shift_px=args.shift_px, ema_decay=args.ema_decay, action_bin_sigma=args.bin_sigma,
         keep_base_statistics=args.keep_base_stats, num_workers=args.num_workers,
-        device=args.device,
+        device=args.device, report_to=[r for r in args.report_to if r != "none"],
         eval_every=args.eval_every, save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
-        max_val_samples=args.max_val_samples, cache_dir=args.cache_dir, resume=not args.no_resume,
+        max_val_samples=args.max_val_samples, learning_check_samples=args.learning_check_samples, cache_dir=args.cache_dir, resume=not args.no_resume,
         save_adapter=args.save_adapter, progress=not args.no_progress)
 
 
