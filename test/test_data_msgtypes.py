@@ -114,6 +114,10 @@ def test_a_ros1_bag_reads_as_frames(tmp_path):
             w.write(cmd, ns, store.serialize_ros1(T["std_msgs/msg/Float64MultiArray"](
                 layout=layout, data=np.array([i, -i], dtype=np.float64)), "std_msgs/msg/Float64MultiArray"))
     frames = read_frames(path, BagReadOptions(truth_topic="/cmd"))
+    with pytest.raises(BagError, match="ROS 1 bag: convert it first"):  # a player publishes ROS 2 types
+        from openvla_ros.eval.playback import BagPlayback
+
+        BagPlayback(path)
     assert len(frames) == 3
     assert frames.frames[0].instruction == "open the drawer"
     np.testing.assert_array_equal(frames.frames[1].image, image)
