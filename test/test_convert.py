@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from openvla_ros.cli import main
 from openvla_ros.data.lerobot import LeRobotDataset
@@ -102,6 +103,11 @@ def test_bags_to_lerobot_to_training_round_trip(tmp_path, tiny_checkpoint, capsy
         base_checkpoint=str(tiny_checkpoint), steps=2, batch_size=2, val_fraction=0.34, eval_every=2,
         progress=False, lora_rank=4))
     assert result.steps == 2 and np.isfinite(result.final_loss)
+    assert any((out / "tensorboard").iterdir())  # on by default when installed
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["learning_check"]["samples"] == 5  # the held-out episode's frames
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     config = json.loads((out / "config.json").read_text())
     stats = config["norm_stats"]["converted"]["action"]
     assert config[C.CONFIG_KEY_DIM_NAMES] == NAMES

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from openvla_ros.training.collate import ActionCollator, TrainSample
 from openvla_ros.training.diagnostics import _derangement, greedy_action_tokens, learning_check, normalised_mean
@@ -57,3 +59,22 @@ def test_the_shuffle_moves_every_sample():
     for n in (2, 3, 10, 64):
         perm = _derangement(n, seed=n)
         assert sorted(perm.tolist()) == list(range(n)) and np.all(perm != np.arange(n))
+
+
+def test_tracker_and_device_options_are_checked_before_training(tmp_path):
+    import importlib.util
+
+    from openvla_ros.training.trainer import DatasetConfig, TrainConfig, resolve_device
+
+    config = TrainConfig(out_dir=str(tmp_path), datasets=[DatasetConfig("d", [str(tmp_path)])], from_scratch=True,
+                         lora_rank=0, train_parts=["vision_backbone", "projector", "language_model"])
+    assert config.device == "auto" and config.report_to == ["tensorboard"]
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ValueError, match=r"report_to \['mlflow'\]"):
+        TrainConfig(**{**config.__dict__, "report_to": ["mlflow"]}).validated()
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ValueError, match="needs the wandb package"):
+            TrainConfig(**{**config.__dict__, "report_to": ["wandb"]}).validated()
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda"):
+        TrainConfig(**{**config.__dict__, "device": "tpu"}).validated()

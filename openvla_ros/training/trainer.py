@@ -68,6 +68,8 @@ RUN_RECORD_FILES = (LOG_FILE, RUN_CONFIG_FILE, LOCAL_RESULT_FILE, RUN_SUMMARY_FI
 # Fields that may change between a run and its resumption (everything else must match).
 LR_SCHEDULES = ("constant", "cosine")
 REPORT_TO = ("tensorboard", "wandb")
+RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "snapshot_every", "log_every", "progress", "max_val_samples", "resume",
+                     "save_adapter", "out_dir", "num_workers", "learning_check_samples", "report_to"}
 
 
 def resolve_device(device: str) -> str:
@@ -75,8 +77,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "snapshot_every", "log_every", "progress", "max_val_samples", "resume",
-                     "save_adapter", "out_dir", "num_workers", "learning_check_samples", "report_to"}
 
 
 @dataclass
@@ -221,6 +221,11 @@ class TrainConfig:
         bad = [r for r in self.report_to if r not in REPORT_TO]
         if bad:
             raise ValueError(f"report_to {bad}: choose from {list(REPORT_TO)}")
+        if "wandb" in self.report_to:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("report_to wandb needs the wandb package (pip install wandb)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
