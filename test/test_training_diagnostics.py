@@ -49,12 +49,6 @@ def test_a_model_that_cannot_tell_images_apart_is_warned_about(tiny_checkpoint):
     assert any("ignores the image" in w for w in check.warnings)
 
 
-def test_the_untrained_model_does_depend_on_the_image(tiny_checkpoint):
-    model, collator, samples, mean = _setup(tiny_checkpoint)
-    check = learning_check(model, collator, samples, mean)
-    assert check.shuffled_images != check.model  # its random weights answer each image differently
-
-
 def test_the_shuffle_moves_every_sample():
     for n in (2, 3, 10, 64):
         perm = _derangement(n, seed=n)
