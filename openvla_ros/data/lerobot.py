@@ -302,7 +302,7 @@ def decode_video_frames(path: Path, times: np.ndarray, fps: float, where: str = 
             if frame.pts is None:
                 continue
             t = float(frame.pts * base)
-            while want < times.size and t > times[want] + tol:
+            if want < times.size and t > times[want] + tol:
                 raise LeRobotError(f"{where}: no frame at {times[want]:.4f} s in {path} (next frame at {t:.4f} s)")
             if want < times.size and abs(t - times[want]) <= tol:
                 yield frame.to_ndarray(format="rgb24")
@@ -339,8 +339,9 @@ class VideoWriter:
         self.frames = 0
 
     def add(self, rgb: np.ndarray) -> None:
-        import av
         from fractions import Fraction
+
+        import av
 
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         if self._stream is None:

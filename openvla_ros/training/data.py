@@ -1,7 +1,8 @@
-"""Training episodes from demonstrations: rosbag2 bags and ACT/DexVLA-style HDF5 files, cached as shards.
+"""Training episodes from demonstrations: bags, ACT/DexVLA-style HDF5, LeRobot and RLDS datasets, cached as shards.
 
-One bag or one HDF5 file is one episode. Bags are read with `eval.bags` (the same topic options as
-`eval bag`): the camera topic, the instruction (fixed or from a String topic) and the action from a
+One bag (rosbag2 or ROS 1) or one HDF5 file is one episode; a LeRobot or RLDS dataset gives one
+episode per dataset episode (`find_episode_sources`), read through `openvla_ros.data`. Bags are
+read with `eval.bags` (the same topic options as `eval bag`): the camera topic, the instruction (fixed or from a String topic) and the action from a
 command topic (TwistStamped x dt, Float64MultiArray, JointTrajectory first point) or from
 end-effector poses (PoseStamped deltas over dt). HDF5 files hold `observations/images/<camera>`
 (N x H x W x 3 uint8, or ACT's padded JPEG buffers when the file's `compress` attribute is set),
