@@ -53,7 +53,9 @@ setup(
         ],
         "sim": ["pybullet", "pin"],
         "eval": ["rosbags", "matplotlib"],
-        "train": ["peft", "accelerate", "h5py"],
+        "train": ["peft", "accelerate", "h5py", "pyarrow", "av", "tfrecord", "tensorboard"],
+        # LeRobot datasets (parquet + mp4) and RLDS tfrecords, without TensorFlow
+        "data": ["pyarrow", "av", "tfrecord"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "gpu": ["bitsandbytes"],
         "test": ["pytest", "pytest-timeout"],

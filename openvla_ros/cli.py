@@ -201,7 +201,8 @@ def cmd_eval_bag(args) -> int:
         image_topic=args.image_topic, instruction=args.instruction, instruction_topic=args.instruction_topic,
         truth_topic=args.truth_topic, gripper_topic=args.gripper_topic, dt=args.dt, sync=args.sync,
         tolerance=args.tolerance, fk=_fk_from_args(args), typestore=args.typestore, stride=args.stride,
-        max_frames=args.max_frames).validated()
+        max_frames=args.max_frames,
+        truth_fields=args.truth_fields.split(",") if args.truth_fields else None).validated()
     options = EvalOptions(bag=bag_options, unnorm_key=args.unnorm_key, repeat=args.repeat,
                           sensitivity_frames=args.sensitivity_frames,
                           instruction_pairs=load_instruction_pairs(args.instruction_pairs) if args.instruction_pairs else None)
@@ -424,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-topic", default=None, help="camera topic (default: the bag's only image topic)")
     p.add_argument("--instruction", default=None, help="instruction for every frame (wins over --instruction-topic)")
     p.add_argument("--instruction-topic", default=None, help="std_msgs/String topic (default: the bag's only one)")
-    p.add_argument("--truth-topic", default=None, help="ground truth: TwistStamped, JointTrajectory, Float64MultiArray, PoseStamped or JointState (type read from the bag)")
+    p.add_argument("--truth-topic", default=None, help="ground truth: TwistStamped, JointTrajectory, Float64MultiArray, PoseStamped or JointState (type read from the bag); any other type gives its numbers")
+    p.add_argument("--truth-fields", default=None, help="custom truth message type: comma-separated fields to use (default: all its numbers)")
     p.add_argument("--gripper-topic", default=None)
     p.add_argument("--dt", type=float, default=None, help="seconds per action (default: the checkpoint's)")
     p.add_argument("--sync", default="nearest", choices=["nearest", "previous", "interpolate"])
@@ -470,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune (LoRA or full) on recorded demonstrations; writes a checkpoint")
     add_train_arguments(p)
     p.set_defaults(func=run_from_args)
+
+    # Dataset formats: bags <-> LeRobot v3.0, RLDS -> bags.
+    from .convert import add_convert_arguments
+
+    add_convert_arguments(sub.add_parser("convert", help="demonstrations between formats: bags -> LeRobot v3.0, "
+                                                         "LeRobot/RLDS -> bags (for eval replay / eval bag)"))
 
     p = bench.add_parser("ik", help="IK step and camera frame cost on the Panda")
     p.add_argument("--steps", type=int, default=2000)

@@ -385,21 +385,30 @@ def test_missing_topic_lists_the_topics_the_bag_has(small_bag):
 def test_topics_of_unsupported_types(small_bag):
     with pytest.raises(BagError, match="image topic '/vla/instruction'.*unsupported message type 'std_msgs/msg/String'"):
         read_frames(small_bag, BagReadOptions(image_topic=INSTR))
-    with pytest.raises(BagError, match="truth topic '/grip'.*unsupported message type 'std_msgs/msg/Float64'"):
-        read_frames(small_bag, BagReadOptions(truth_topic="/grip"))
+    with pytest.raises(BagError, match="truth topic '/vla/instruction'.*holds no numbers"):
+        read_frames(small_bag, BagReadOptions(truth_topic=INSTR, instruction="go"))
 
 
-def test_message_type_unknown_to_the_type_store(tmp_path):
+def test_a_truth_type_without_a_rule_of_its_own_gives_its_numbers(small_bag):
+    frames = read_frames(small_bag, BagReadOptions(truth_topic="/grip"))
+    assert frames.dim_names == ["data"]
+    assert frames.truths().shape == (len(frames), 1)
+
+
+def test_a_message_type_the_bag_defines_decodes_and_one_it_does_not_is_named(tmp_path):
     from rosbags.rosbag2 import Writer
 
     path = tmp_path / "custom"
     with Writer(path, version=9) as w:
         conn = w.add_connection("/custom", "my_pkg/msg/Gizmo", msgdef="int32 x", rihs01="RIHS01_" + "0" * 64)
         w.write(conn, 1, b"\x00\x01\x00\x00\x05\x00\x00\x00")
+        bare = w.add_connection("/bare", "my_pkg/msg/Bare", msgdef="", rihs01="RIHS01_" + "0" * 64)
+        w.write(bare, 2, b"\x00\x01\x00\x00\x05\x00\x00\x00")
     with RosBag(path) as bag:
         assert bag.topics["/custom"].msgtype == "my_pkg/msg/Gizmo"
-        with pytest.raises(BagError, match="'my_pkg/msg/Gizmo', unknown to the kilted type store"):
-            list(bag.messages(["/custom"]))
+        assert [m.msg.x for m in bag.messages(["/custom"])] == [5]
+        with pytest.raises(BagError, match="'my_pkg/msg/Bare': the bag stores no definition of it and the kilted"):
+            list(bag.messages(["/bare"]))
     with pytest.raises(BagError, match="unsupported message type 'my_pkg/msg/Gizmo'"):
         read_frames(path, BagReadOptions(image_topic="/custom"))
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from openvla_ros.data.msgtypes import MessageTypeError, register_msg_definitions
 from openvla_ros.imaging import encode_compressed_image, rgb_to_image_fields
 
 from .bags import (
@@ -59,7 +60,11 @@ class BagWriter:
     header stamp, or to the given stamp for header-less messages.
     """
 
-    def __init__(self, path: str | Path, storage: str = "sqlite3", typestore: str = DEFAULT_TYPESTORE):
+    def __init__(self, path: str | Path, storage: str = "sqlite3", typestore: str = DEFAULT_TYPESTORE,
+                 message_definitions: Mapping[str, str] | None = None):
+        """`message_definitions` maps custom types (``pkg/msg/Type``) to their ``.msg`` text; a type
+        neither it nor the type store has is looked up in the installed packages (AMENT_PREFIX_PATH).
+        The definitions go into the bag, so readers need no package either."""
         from rosbags.rosbag2 import StoragePlugin, Writer, WriterError
 
         if storage not in STORAGES:
@@ -68,6 +73,9 @@ class BagWriter:
         self.storage = storage
         self.typestore_name = typestore.lower()
         self.typestore = get_ros_typestore(self.typestore_name)
+        self._own_store = False
+        if message_definitions:
+            self.register_types(message_definitions)
         plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
         try:
             self._writer = Writer(self.path, version=9, storage_plugin=plugin)
@@ -108,10 +116,25 @@ class BagWriter:
                 raise ValueError(f"topic {topic!r} already holds {known.msgtype}, cannot add {msgtype}")
             return known
         if msgtype not in self.typestore.types:
-            raise BagError(f"message type {msgtype!r} is unknown to the {self.typestore_name} type store")
+            try:
+                self.register_types({}, wanted=[msgtype])
+            except MessageTypeError as exc:
+                raise BagError(f"bag {str(self.path)!r}, topic {topic!r}: {exc} (not in the {self.typestore_name} "
+                               f"type store either)") from None
         connection = self._writer.add_connection(topic, msgtype, typestore=self.typestore)
         self._connections[topic] = connection
         return connection
+
+    def register_types(self, definitions: Mapping[str, str], wanted: Sequence[str] = ()) -> list[str]:
+        """Add message types from ``.msg`` text (see `__init__`); returns the types added."""
+        if not self._own_store:  # the distribution's store is shared: extend a copy of it
+            from rosbags.typesys import Stores, get_typestore
+
+            own = get_typestore(Stores.EMPTY)
+            own.register(dict(self.typestore.fielddefs))
+            self.typestore, self._own_store = own, True
+        return register_msg_definitions(self.typestore, {normalise_msgtype(k): v for k, v in definitions.items()},
+                                        wanted=[normalise_msgtype(w) for w in wanted])
 
     def write_raw(self, topic: str, msgtype: str, receive_ns: int, data: bytes) -> None:
         """Store already-serialised CDR bytes (e.g. from `rclpy.serialization.serialize_message`)."""

@@ -23,7 +23,12 @@ Ground truth, chosen by the message type of ``truth_topic`` (read from the bag):
 ``std_msgs/Float64MultiArray``    the data, dims from ``truth_dim_names`` (default: OpenVLA's 7 names)
 ``geometry_msgs/PoseStamped``     base-frame delta between the pose at t and at t + dt (`poses.py`)
 ``sensor_msgs/JointState``        as PoseStamped, after ``fk(joint_names, positions) -> 4x4``
+any other type (a lab's own)      its numbers in definition order (``truth_fields`` picks some),
+                                  dims named by field path (``cmd.0``, ``gripper``)
 ================================  ==================================================================
+
+Types decode with the definitions the bag stores (`RosBag`), so a lab's own message package need
+not be installed; ROS 1 ``.bag`` files read the same way.
 
 ``gripper_topic`` (Float64, Float32, Bool or Float64MultiArray[0]) appends a ``gripper`` dimension.
 """
@@ -40,6 +45,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from openvla_ros.data.msgtypes import MessageTypeError, bag_typestore, numeric_fields
 from openvla_ros.imaging import decode_compressed_image, image_fields_to_rgb
 from openvla_ros.vla.constants import DEFAULT_ACTION_DIM_NAMES, DEFAULT_CONTROL_PERIOD_S
 
@@ -72,12 +78,22 @@ GRIPPER_DIM_NAME = DEFAULT_ACTION_DIM_NAMES[6]
 # Type stores by the names ROS distributions go by ("latest" is the newest the library ships).
 TYPESTORE_NAMES = ("humble", "iron", "jazzy", "kilted", "latest")
 DEFAULT_TYPESTORE = "kilted"
+# ROS 1 bags (one .bag file) decode with ROS 1's types (Noetic's, plus the definitions the bag stores).
+ROS1_SUFFIX = ".bag"
+ROS1_TYPESTORE = "noetic"
 # Key under metadata.yaml custom_data where `bag_writer` records the type store it used.
 CUSTOM_DATA_TYPESTORE_KEY = "openvla_ros.typestore"
 
 
 class BagError(ValueError):
     """A bag cannot be used as asked: missing, corrupt, lacking a topic, or of an unsupported type."""
+
+
+def _store_value(name: str) -> str:
+    key = name.lower()
+    if key not in TYPESTORE_NAMES:
+        raise BagError(f"unknown type store {name!r}; choose one of {list(TYPESTORE_NAMES)}")
+    return "latest" if key == "latest" else f"ros2_{key}"
 
 
 @lru_cache(maxsize=None)
@@ -144,39 +160,53 @@ class RawBagMessage:
 
 
 class RosBag:
-    """An open rosbag2 bag (directory with metadata.yaml, or a single .db3/.mcap file).
+    """An open bag: rosbag2 (directory with metadata.yaml, or a single .db3/.mcap file) or ROS 1 (.bag).
+
+    Messages decode with the type definitions the bag stores (any message package, no install
+    needed), falling back to `typestore` (or the distribution the bag names) for types it does not
+    store; ROS 1 messages come out as ROS 2 CDR bytes from `raw_messages`.
 
     Every failure surfaces as `BagError` naming the bag and what is wrong with it.
     """
 
     def __init__(self, path: str | Path, typestore: str | None = None):
+        from rosbags.rosbag1 import Reader as Reader1
         from rosbags.rosbag2 import Reader
 
         self.path = Path(path)
         if not self.path.exists():
             raise BagError(f"bag {str(self.path)!r} does not exist")
+        self.is_ros1 = self.path.is_file() and self.path.suffix == ROS1_SUFFIX
         if self.path.is_dir() and not (self.path / "metadata.yaml").exists():
             raise BagError(f"{str(self.path)!r} is not a rosbag2 directory: it has no metadata.yaml")
         try:
-            self._reader = Reader(self.path)
+            self._reader = Reader1(self.path) if self.is_ros1 else Reader(self.path)
             self._reader.open()
         except BagError:
             raise
         except _storage_errors() as exc:
             raise BagError(f"bag {str(self.path)!r} is corrupt, truncated or unreadable: {exc}") from exc
         self.storage = self._detect_storage()
-        self.typestore_name = typestore or self._typestore_from_metadata()
+        if self.is_ros1:
+            self.typestore_name = ROS1_TYPESTORE
+        else:
+            self.typestore_name = typestore or self._typestore_from_metadata()
         try:
-            self.typestore = get_ros_typestore(self.typestore_name)
-        except BagError:
+            base = "ros1_noetic" if self.is_ros1 else _store_value(self.typestore_name)
+            # The definitions the bag stores come first: a lab's own message types read without
+            # their package, and a bag from another distribution decodes with the types it was written with.
+            self.typestore = bag_typestore(self._reader.connections, base)
+        except (BagError, MessageTypeError) as exc:
             self.close()
-            raise
+            raise BagError(f"bag {str(self.path)!r}: {exc}") from None
         self.topics: dict[str, TopicSummary] = {
             name: TopicSummary(name, info.msgtype or "<mixed types>", int(info.msgcount))
             for name, info in self._reader.topics.items()
         }
 
     def _detect_storage(self) -> str:
+        if self.is_ros1:
+            return "rosbag1"
         if self.path.is_dir():
             names = [p.suffix for p in self.path.iterdir()]
             return "mcap" if ".mcap" in names else "sqlite3"
@@ -197,8 +227,10 @@ class RosBag:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "_reader", None) is not None and self._reader.is_open:
-            self._reader.close()
+        reader = getattr(self, "_reader", None)
+        if reader is not None and getattr(reader, "is_open", True):  # the ROS 1 reader has no is_open
+            self._reader = None
+            reader.close()
 
     def describe_topics(self) -> str:
         return ", ".join(str(t) for t in sorted(self.topics.values(), key=lambda t: t.name)) or "(none)"
@@ -217,8 +249,8 @@ class RosBag:
             )
         if summary.msgtype not in self.typestore.types:
             raise BagError(
-                f"{role} {name!r} has message type {summary.msgtype!r}, unknown to the "
-                f"{self.typestore_name} type store"
+                f"{role} {name!r} has message type {summary.msgtype!r}: the bag stores no definition of it "
+                f"and the {self.typestore_name} type store does not know it"
             )
         return summary
 
@@ -264,6 +296,13 @@ class RosBag:
                 raise BagError(
                     f"bag {str(self.path)!r} is corrupt or truncated (while reading {sorted(wanted)}): {exc}"
                 ) from exc
+            if self.is_ros1:  # handed on as CDR like every other bag's (decoded once, re-encoded)
+                try:
+                    raw = self.typestore.serialize_cdr(self.typestore.deserialize_ros1(raw, connection.msgtype),
+                                                       connection.msgtype)
+                except _storage_errors() as exc:
+                    raise BagError(f"bag {str(self.path)!r}: a {connection.msgtype} on {connection.topic!r} "
+                                   f"does not decode: {exc}") from exc
             yield RawBagMessage(connection.topic, connection.msgtype, int(receive_ns), bytes(raw))
 
     def messages(self, topics: Sequence[str]) -> Iterator[BagMessage]:
@@ -334,6 +373,9 @@ class BagReadOptions:
     tolerance: float = 0.05  # seconds
     fk: Callable[[Sequence[str], np.ndarray], np.ndarray] | None = None  # JointState truth
     truth_dim_names: Sequence[str] | None = None  # Float64MultiArray truth
+    # Any other truth type (a lab's own message): its numbers in definition order, or only the
+    # fields named here (a name selects a field and everything under it: "cmd" -> cmd.0, cmd.1, ...).
+    truth_fields: Sequence[str] | None = None
     typestore: str | None = None  # None: from the bag's metadata, else kilted
     stamp_source: str = "header"
     stride: int = 1  # use every n-th camera image
@@ -455,7 +497,7 @@ class BagFrames:
         if self.instruction_topic:
             wanted[self.instruction_topic] = "instruction"
         if opts.truth_topic:
-            truth_type = bag.require_topic(opts.truth_topic, TRUTH_TYPES, role="truth topic").msgtype
+            truth_type = bag.require_topic(opts.truth_topic, None, role="truth topic").msgtype
             if truth_type == MSG_JOINT_STATE and opts.fk is None:
                 raise BagError(
                     f"truth topic {opts.truth_topic!r} is sensor_msgs/JointState: pass a kinematics "
@@ -542,18 +584,33 @@ class BagFrames:
                     f"point has {positions.shape[0]} positions"
                 )
             return names, positions
-        # Float64MultiArray
-        return np.asarray(msg.data, dtype=np.float64).copy()
+        if kind == MSG_FLOAT64_ARRAY:
+            return np.asarray(msg.data, dtype=np.float64).copy()
+        return self._generic_truth(msg, topic)
+
+    def _generic_truth(self, msg, topic: str):
+        """(field paths, values) of a message type with no rule of its own (see `truth_fields`)."""
+        pairs = numeric_fields(msg)
+        wanted = self.options.truth_fields
+        if wanted:
+            pairs = [(n, v) for n, v in pairs if any(n == w or n.startswith(w + ".") for w in wanted)]
+            missing = [w for w in wanted if not any(n == w or n.startswith(w + ".") for n, _ in pairs)]
+            if missing:
+                raise BagError(f"truth topic {topic!r} ({self.truth_kind}) has no numeric field {missing}; "
+                               f"its numeric fields: {[n for n, _ in numeric_fields(msg)]}")
+        if not pairs:
+            raise BagError(f"truth topic {topic!r} ({self.truth_kind}) holds no numbers to use as an action")
+        return tuple(n for n, _ in pairs), np.array([v for _, v in pairs], dtype=np.float64)
 
     def _truth_dim_names(self) -> list[str]:
         values = self._truth.values
         if self.truth_kind in (MSG_TWIST_STAMPED, MSG_POSE_STAMPED, MSG_JOINT_STATE):
             return list(TWIST_DIM_NAMES)
-        if self.truth_kind == MSG_JOINT_TRAJECTORY:
+        if self.truth_kind not in TRUTH_TYPES or self.truth_kind == MSG_JOINT_TRAJECTORY:
             names = {v[0] for v in values}
             if len(names) != 1:
                 raise BagError(
-                    f"truth topic {self.options.truth_topic!r} changes its joint_names: {sorted(names)}"
+                    f"truth topic {self.options.truth_topic!r} changes its dim names: {sorted(names)}"
                 )
             self._truth.values = [v[1] for v in values]
             return list(names.pop())

@@ -143,6 +143,9 @@ class BagPlayback:
         self.loops_done = 0
         self._start_clock: float | None = None
         with RosBag(self.path, self.options.typestore) as bag:
+            if bag.is_ros1:  # ROS 1 types (Header.seq, ...) are not the ROS 2 types a player publishes
+                raise BagError(f"{str(self.path)!r} is a ROS 1 bag: convert it first "
+                               f"(openvla-ros convert {self.path} --to bags --action-topic ... --out DIR)")
             self.typestore = bag.typestore
             self.topics = self._select_topics(bag)
             self.latched = self._select_latched(bag)

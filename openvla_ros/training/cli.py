@@ -24,8 +24,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     base.add_argument("--from-scratch", action="store_true",
                       help="train a randomly initialised tiny model (all parts, no LoRA)")
     parser.add_argument("--data", action="append", nargs="+", required=True, metavar="PATH",
-                        help="episodes of one dataset: bags (dir/.db3/.mcap), HDF5 files, or folders of them; "
-                             "repeat --data for a mixture")
+                        help="episodes of one dataset: bags (dir/.db3/.mcap, ROS 1 .bag), HDF5 files, LeRobot "
+                             "datasets (v3.0/v2.1 roots), RLDS datasets (features.json + tfrecords), or folders of "
+                             "them; repeat --data for a mixture")
     parser.add_argument("--dataset-name", action="append", default=None, metavar="NAME",
                         help="statistics key of each --data group (default: 'dataset', or 'dataset_<i>')")
     parser.add_argument("--weight", action="append", type=float, default=None, metavar="W",
@@ -44,8 +45,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     topics.add_argument("--tolerance", type=float, default=0.05)
     topics.add_argument("--stride", type=int, default=1)
     topics.add_argument("--typestore", default=None)
-    topics.add_argument("--camera", help="HDF5: camera under observations/images")
+    topics.add_argument("--camera", help="HDF5: camera under observations/images; LeRobot: camera feature "
+                                         "(e.g. observation.images.top); RLDS: image key under observation/")
+    topics.add_argument("--action-key", default=None, help="LeRobot: the action feature (default 'action')")
+    topics.add_argument("--rlds-config", default=None, metavar="YAML",
+                        help="RLDS: key mapping (image, action [list to concatenate], language, action_dim_names, dt, "
+                             "split), or one such mapping per dataset name")
     topics.add_argument("--action-dims", default=None, help="comma-separated action dim names")
+    topics.add_argument("--jpeg-channels", default="rgb", choices=("rgb", "bgr"),
+                        help="HDF5 JPEG buffers: rgb = standard JPEGs; bgr = written by cv2.imencode from RGB arrays "
+                             "(ACT's recorder), so stored swapped")
+    topics.add_argument("--action-fields", default=None,
+                        help="bags with a custom action message type: comma-separated fields to use "
+                             "(default: every number in the message, header excluded)")
     train = parser.add_argument_group("training")
     train.add_argument("--chunk", type=int, default=None, help="K actions per call (default: the base's)")
     train.add_argument("--normalization", default=DEFAULT_NORMALIZATION, choices=NORMALIZATION_TYPES)
@@ -84,13 +96,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="random image translation by up to PX pixels (0: none)")
     train.add_argument("--num-workers", type=int, default=DEFAULTS.num_workers, metavar="N",
                        help="DataLoader worker processes building batches (0: in the training process)")
-    train.add_argument("--device", default="cpu")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present, else cpu), cpu, cuda, cuda:N")
+    train.add_argument("--report-to", nargs="+", default=DEFAULTS.report_to, choices=("tensorboard", "wandb", "none"),
+                       help="trackers besides train_log.csv: tensorboard (when installed; default), wandb")
     train.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     train.add_argument("--save-every", type=int, default=DEFAULTS.save_every)
     train.add_argument("--snapshot-every", type=int, default=DEFAULTS.snapshot_every, metavar="N",
                        help="also export a complete checkpoint every N steps under OUT/snapshots/step_NNNNNN (0: none)")
     train.add_argument("--log-every", type=int, default=DEFAULTS.log_every)
     train.add_argument("--max-val-samples", type=int, default=DEFAULTS.max_val_samples)
+    train.add_argument("--learning-check-samples", type=int, default=DEFAULTS.learning_check_samples, metavar="N",
+                       help="held-out samples decoded at each evaluation to compare the model with the mean-action "
+                            "predictor, shuffled images and swapped instructions (run_summary.json; 0: off)")
     train.add_argument("--cache-dir", default=None)
     train.add_argument("--no-resume", action="store_true", help="start over even if OUT has a saved state")
     train.add_argument("--save-adapter", action="store_true", help="also write the LoRA adapter alone")
@@ -114,7 +131,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         image_topic=args.image_topic, instruction=args.instruction, instruction_topic=args.instruction_topic,
         action_topic=args.action_topic, gripper_topic=args.gripper_topic, dt=args.dt, sync=args.sync,
         tolerance=args.tolerance, stride=args.stride, typestore=args.typestore, camera=args.camera,
-        action_dim_names=args.action_dims.split(",") if args.action_dims else None)
+        action_dim_names=args.action_dims.split(",") if args.action_dims else None,
+        action_fields=args.action_fields.split(",") if args.action_fields else None,
+        jpeg_channels=args.jpeg_channels, action_key=args.action_key, rlds_config=args.rlds_config)
     full = args.full or args.from_scratch
     return TrainConfig(
         out_dir=args.out,
@@ -130,9 +149,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         train_parts=list(MODEL_PARTS) if full else list(args.train), quantize=args.quantize,
         gradient_checkpointing=args.gradient_checkpointing, augment=not args.no_augment, augment_shift_px=args.shift_px, ema_decay=args.ema_decay, action_bin_sigma=args.bin_sigma,
         keep_base_statistics=args.keep_base_stats, num_workers=args.num_workers,
-        device=args.device,
+        device=args.device, report_to=[r for r in args.report_to if r != "none"],
         eval_every=args.eval_every, save_every=args.save_every, snapshot_every=args.snapshot_every, log_every=args.log_every,
-        max_val_samples=args.max_val_samples, cache_dir=args.cache_dir, resume=not args.no_resume,
+        max_val_samples=args.max_val_samples, learning_check_samples=args.learning_check_samples, cache_dir=args.cache_dir, resume=not args.no_resume,
         save_adapter=args.save_adapter, progress=not args.no_progress)
 
 

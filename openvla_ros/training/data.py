@@ -1,7 +1,8 @@
-"""Training episodes from demonstrations: rosbag2 bags and ACT/DexVLA-style HDF5 files, cached as shards.
+"""Training episodes from demonstrations: bags, ACT/DexVLA-style HDF5, LeRobot and RLDS datasets, cached as shards.
 
-One bag or one HDF5 file is one episode. Bags are read with `eval.bags` (the same topic options as
-`eval bag`): the camera topic, the instruction (fixed or from a String topic) and the action from a
+One bag (rosbag2 or ROS 1) or one HDF5 file is one episode; a LeRobot or RLDS dataset gives one
+episode per dataset episode (`find_episode_sources`), read through `openvla_ros.data`. Bags are
+read with `eval.bags` (the same topic options as `eval bag`): the camera topic, the instruction (fixed or from a String topic) and the action from a
 command topic (TwistStamped x dt, Float64MultiArray, JointTrajectory first point) or from
 end-effector poses (PoseStamped deltas over dt). HDF5 files hold `observations/images/<camera>`
 (N x H x W x 3 uint8, or ACT's padded JPEG buffers when the file's `compress` attribute is set),
@@ -29,7 +30,7 @@ from ..vla.preprocess import prepare_image
 log = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-BAG_SUFFIXES = (".db3", ".mcap")
+BAG_SUFFIXES = (".db3", ".mcap", ".bag")  # .bag: ROS 1
 SHARD_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
@@ -54,6 +55,12 @@ class EpisodeReadOptions:
     typestore: str | None = None
     camera: str | None = None  # HDF5: None = the file's only camera
     action_dim_names: Sequence[str] | None = None  # HDF5 / Float64MultiArray dims
+    # HDF5 JPEG buffers: "rgb" for standard JPEGs (decoded as a viewer shows them), "bgr" for files
+    # whose writer passed RGB arrays to cv2.imencode (ACT's recorder), so the file holds them swapped.
+    jpeg_channels: str = "rgb"
+    action_key: str | None = None  # LeRobot: the action feature (default "action")
+    rlds_config: str | None = None  # RLDS: key-mapping YAML file or a name of a shipped mapping
+    action_fields: Sequence[str] | None = None  # bags: fields of a custom action message type (default: all numbers)
 
     @property
     def control_period_s(self) -> float:
@@ -63,6 +70,10 @@ class EpisodeReadOptions:
         """JSON-able identity (part of the cache key)."""
         out = asdict(self)
         out["action_dim_names"] = None if self.action_dim_names is None else list(self.action_dim_names)
+        out["action_fields"] = None if self.action_fields is None else list(self.action_fields)
+        for added, default in (("action_fields", None), ("action_key", None), ("rlds_config", None)):
+            if out[added] == default:
+                del out[added]  # keeps the cache keys of episodes read before the option existed
         return out
 
 
@@ -123,15 +134,65 @@ def resize_images(images: Iterable[np.ndarray], size: int = IMAGE_SIZE) -> np.nd
 
 
 def source_kind(path: Path) -> str:
-    """'bag' or 'hdf5' for one episode path, or EpisodeError."""
+    """'bag', 'hdf5', 'lerobot' or 'rlds' for one source path, or EpisodeError."""
+    from ..data.lerobot import is_lerobot_dataset
+    from ..data.rlds import is_rlds_dataset
+
+    if is_lerobot_dataset(path):
+        return "lerobot"
+    if is_rlds_dataset(path):
+        return "rlds"
     if path.is_dir() and (path / "metadata.yaml").exists():
         return "bag"
     if path.is_file() and path.suffix.lower() in BAG_SUFFIXES:
         return "bag"
     if path.is_file() and path.suffix.lower() in HDF5_SUFFIXES:
         return "hdf5"
-    raise EpisodeError(f"{str(path)!r} is neither a rosbag2 bag (directory with metadata.yaml, .db3, .mcap) "
-                       f"nor an HDF5 episode ({', '.join(HDF5_SUFFIXES)})")
+    raise EpisodeError(f"{str(path)!r} is neither a rosbag2 bag (directory with metadata.yaml, .db3, .mcap), a ROS 1 "
+                       f".bag, an HDF5 episode ({', '.join(HDF5_SUFFIXES)}), a LeRobot dataset (meta/info.json) nor "
+                       f"an RLDS dataset (features.json + tfrecord files)")
+
+
+@dataclass(frozen=True)
+class EpisodeSource:
+    """One episode: a file or bag (episode None), or one episode of a multi-episode dataset."""
+
+    path: Path
+    kind: str
+    episode: int | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.episode is None else f"{self.path}#episode={self.episode}"
+
+
+def find_episode_sources(paths: Sequence[str | Path], options: EpisodeReadOptions | None = None) -> list[EpisodeSource]:
+    """Every episode the data paths hold: a LeRobot or RLDS dataset gives one source per episode."""
+    out: list[EpisodeSource] = []
+    for path in find_episode_paths(paths):
+        kind = source_kind(path)
+        if kind == "lerobot":
+            from ..data.lerobot import LeRobotDataset, LeRobotError
+
+            try:
+                indices = [e.index for e in LeRobotDataset(path).episodes]
+            except LeRobotError as exc:
+                raise EpisodeError(str(exc)) from None
+        elif kind == "rlds":
+            from ..data.rlds import RldsDataset, RldsError, load_key_mapping
+
+            try:
+                mapping = load_key_mapping(options.rlds_config, path) if options and options.rlds_config else None
+                indices = list(range(RldsDataset(path, mapping, camera=options.camera if options else None).num_episodes))
+            except RldsError as exc:
+                raise EpisodeError(str(exc)) from None
+        else:
+            out.append(EpisodeSource(path, kind))
+            continue
+        if not indices:
+            raise EpisodeError(f"{kind} dataset {str(path)!r} has no episodes")
+        out.extend(EpisodeSource(path, kind, i) for i in indices)
+    return out
 
 
 def find_episode_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -156,7 +217,7 @@ def find_episode_paths(paths: Sequence[str | Path]) -> list[Path]:
                 continue
             children.append(child)
         if not children:
-            raise EpisodeError(f"folder {str(path)!r} holds no bags or HDF5 episodes")
+            raise EpisodeError(f"folder {str(path)!r} holds no bags, HDF5 episodes or datasets")
         found.extend(children)
     if not found:
         raise EpisodeError("no data paths given")
@@ -174,7 +235,7 @@ def read_bag_episode(path: Path, options: EpisodeReadOptions, image_size: int = 
         instruction_topic=options.instruction_topic, truth_topic=options.action_topic,
         gripper_topic=options.gripper_topic, dt=options.control_period_s, sync=options.sync,
         tolerance=options.tolerance, typestore=options.typestore, stride=options.stride,
-        truth_dim_names=options.action_dim_names))
+        truth_dim_names=options.action_dim_names, truth_fields=options.action_fields))
     if not frames.frames:
         raise EpisodeError(f"episode {path.name!r} ({path}) has no frames with an action "
                            f"(sync report: {frames.report.as_dict()})")
@@ -196,17 +257,17 @@ def _decode_language(value) -> str:
     return str(value)
 
 
-def _hdf5_images(dataset, compressed: bool, where: str) -> list[np.ndarray]:
+def _hdf5_images(dataset, compressed: bool, where: str, stored: str = "rgb") -> list[np.ndarray]:
     data = dataset[()]
     if compressed or data.ndim == 2:  # ACT's compressed layout: one zero-padded JPEG buffer per frame
-        import cv2
+        from ..data.images import decode_image_bytes
 
         images = []
         for i, buffer in enumerate(data):
-            decoded = cv2.imdecode(np.asarray(buffer, dtype=np.uint8), cv2.IMREAD_COLOR)
-            if decoded is None:
-                raise EpisodeError(f"{where}: frame {i} is not a decodable image buffer")
-            images.append(decoded)  # ACT encodes its RGB arrays as they are, so channel order is kept
+            try:  # trailing zero padding after the JPEG's end marker is ignored by the decoder
+                images.append(decode_image_bytes(np.asarray(buffer, dtype=np.uint8), stored, f"{where}: frame {i}"))
+            except ValueError as exc:
+                raise EpisodeError(str(exc)) from None
         return images
     if data.ndim != 4 or data.shape[3] != 3:
         raise EpisodeError(f"{where}: expected N x H x W x 3 images, got shape {data.shape}")
@@ -238,7 +299,8 @@ def read_hdf5_episode(path: Path, options: EpisodeReadOptions, image_size: int =
         actions = np.asarray(f["action"][()], dtype=np.float64)
         if actions.ndim == 1:
             actions = actions[:, None]
-        images = _hdf5_images(f[f"observations/images/{camera}"], bool(f.attrs.get("compress", False)), where)
+        images = _hdf5_images(f[f"observations/images/{camera}"], bool(f.attrs.get("compress", False)), where,
+                              options.jpeg_channels)
         instruction = options.instruction
         if instruction is None:
             if "language_raw" not in f:
@@ -258,9 +320,58 @@ def read_hdf5_episode(path: Path, options: EpisodeReadOptions, image_size: int =
                    source=str(path))
 
 
-def read_episode(path: str | Path, options: EpisodeReadOptions, image_size: int = IMAGE_SIZE) -> Episode:
+def read_lerobot_episode(path: Path, episode: int, options: EpisodeReadOptions, image_size: int = IMAGE_SIZE) -> Episode:
+    """Episode `episode` of a LeRobot dataset: its camera's frames, `action_key` actions, task strings."""
+    from ..data.lerobot import LeRobotDataset, LeRobotError
+
+    try:
+        ds = LeRobotDataset(path)
+        frames = ds.frames(episode, options.camera, action_key=options.action_key or "action", state_key=None)
+        names = ds.names(options.action_key or "action")
+        images = resize_images(frames.images, image_size)
+    except LeRobotError as exc:
+        raise EpisodeError(str(exc)) from None
+    n = frames.actions.shape[0]
+    if options.action_dim_names is not None:
+        names = list(options.action_dim_names)
+    instructions = [options.instruction] * n if options.instruction is not None else frames.instructions
+    dt = ds.dt if options.dt is None else float(options.dt)  # the dataset's fps unless told otherwise
+    return Episode(name=f"{path.name}_ep{episode:06d}", images=images, actions=frames.actions,
+                   instructions=instructions, stamps=frames.timestamps - frames.timestamps[0], dim_names=list(names),
+                   dt=dt, source=f"{path}#episode={episode}")
+
+
+def read_rlds_episode(path: Path, episode: int, options: EpisodeReadOptions, image_size: int = IMAGE_SIZE) -> Episode:
+    """Episode `episode` of an RLDS dataset (its key mapping from `options.rlds_config`)."""
+    from ..data.rlds import RldsDataset, RldsError, load_key_mapping
+
+    try:
+        ds = RldsDataset(path, load_key_mapping(options.rlds_config, path) if options.rlds_config else None,
+                         camera=options.camera)
+        steps = ds.episode(episode)
+        images = resize_images(steps.images, image_size)
+    except RldsError as exc:
+        raise EpisodeError(str(exc)) from None
+    n = steps.actions.shape[0]
+    names = list(options.action_dim_names) if options.action_dim_names is not None else \
+        default_dim_names(steps.actions.shape[1], None)
+    dt = options.control_period_s if options.dt is not None or ds.mapping.dt is None else float(ds.mapping.dt)
+    instructions = [options.instruction] * n if options.instruction is not None else steps.instructions
+    return Episode(name=f"{path.name}_ep{episode:06d}", images=images, actions=steps.actions,
+                   instructions=instructions, stamps=np.arange(n) * dt, dim_names=names, dt=dt,
+                   source=f"{path}#episode={episode}")
+
+
+def read_episode(path: str | Path, options: EpisodeReadOptions, image_size: int = IMAGE_SIZE,
+                 episode: int | None = None) -> Episode:
     path = Path(path)
-    reader = read_bag_episode if source_kind(path) == "bag" else read_hdf5_episode
+    kind = source_kind(path)
+    if kind in ("lerobot", "rlds"):
+        if episode is None:
+            raise EpisodeError(f"{kind} dataset {str(path)!r} holds many episodes: say which one")
+        reader = read_lerobot_episode if kind == "lerobot" else read_rlds_episode
+        return validate_episode(reader(path, episode, options, image_size))
+    reader = read_bag_episode if kind == "bag" else read_hdf5_episode
     return validate_episode(reader(path, options, image_size))
 
 
@@ -309,9 +420,13 @@ def _source_fingerprint(path: Path) -> list:
     return [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def cache_key(path: Path, options: EpisodeReadOptions, image_size: int) -> str:
-    blob = json.dumps({"path": str(path.resolve()), "files": _source_fingerprint(path), "options": options.key(),
-                       "image_size": image_size, "format": SHARD_FORMAT_VERSION}, sort_keys=True)
+def cache_key(path: Path, options: EpisodeReadOptions, image_size: int, episode: int | None = None,
+              fingerprint: list | None = None) -> str:
+    identity = {"path": str(path.resolve()), "files": fingerprint if fingerprint is not None else _source_fingerprint(path),
+                "options": options.key(), "image_size": image_size, "format": SHARD_FORMAT_VERSION}
+    if episode is not None:
+        identity["episode"] = int(episode)
+    blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -341,22 +456,30 @@ def cache_dataset(name: str, paths: Sequence[str | Path], options: EpisodeReadOp
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    episode_paths = find_episode_paths(paths)
-    iterator = episode_paths
+    sources = find_episode_sources(paths, options)
+    iterator = sources
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(episode_paths, desc=f"caching {name}", unit="episode")
+        iterator = tqdm(sources, desc=f"caching {name}", unit="episode")
     episodes: list[CachedEpisode] = []
-    for index, path in enumerate(iterator):
-        key = cache_key(path, options, image_size)
+    fingerprints: dict[Path, list] = {}  # a multi-episode dataset's files are listed once, not per episode
+    for index, source in enumerate(iterator):
+        path = source.path
+        if path not in fingerprints:
+            fingerprints[path] = _source_fingerprint(path)
+        key = cache_key(path, options, image_size, source.episode, fingerprints[path])
         directory = root / f"{index:05d}-{key}"
-        if manifest.get(str(path.resolve())) == key and (directory / "meta.json").exists():
+        entry = str(path.resolve()) + ("" if source.episode is None else f"#episode={source.episode}")
+        if manifest.get(entry) == key and (directory / "meta.json").exists():
             episodes.append(CachedEpisode.load(directory))
             continue
-        episode = read_episode(path, options, image_size)
+        if source.episode is None:
+            episode = read_episode(path, options, image_size)
+        else:
+            episode = read_episode(path, options, image_size, episode=source.episode)
         episodes.append(write_shard(episode, directory))
-        manifest[str(path.resolve())] = key
+        manifest[entry] = key
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     names = {tuple(e.dim_names) for e in episodes}
     if len(names) != 1:

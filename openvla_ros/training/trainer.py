@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -40,6 +40,7 @@ from ..vla.checkpoint import CONFIG_FILE, STATISTICS_FILE, WEIGHTS_INDEX_FILE, C
 from ..vla.model import load_model
 from .collate import IGNORE_INDEX, ActionCollator, TrainSample
 from .data import CachedDataset, EpisodeReadOptions, cache_dataset, chunk_indices, split_episodes
+from .diagnostics import learning_check, normalised_mean
 from .objective import ActionObjective
 from .stats import DEFAULT_NORMALIZATION, NORMALIZATION_TYPES, dataset_entry, stats_for, write_statistics
 
@@ -56,16 +57,26 @@ RUN_CONFIG_FILE = "run_config.json"
 ADAPTER_DIR = "lora_adapter"
 SNAPSHOTS_DIR = "snapshots"  # out_dir/snapshots/step_NNNNNN: checkpoints exported during training
 INIT_DIR = "init_checkpoint"
-LOG_COLUMNS = ("step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "val_loss", "val_token_accuracy", "val_l1")
+LOG_COLUMNS = ("step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "val_loss", "val_token_accuracy", "val_l1",
+               "heldout_error", "mean_predictor_error", "shuffled_image_error", "swapped_instruction_error")
+RUN_SUMMARY_FILE = "run_summary.json"
 CONFIG_KEY_TRAINING = "openvla_ros_training"  # run summary stored in config.json (ignored by loaders)
 MAX_SHARD_BYTES = 4 * 1024 ** 3
 SKIPPED_BASE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # weights are rewritten, not copied
 # A base that is itself a training run's output carries that run's records: this run writes its own.
-RUN_RECORD_FILES = (LOG_FILE, RUN_CONFIG_FILE, LOCAL_RESULT_FILE)
+RUN_RECORD_FILES = (LOG_FILE, RUN_CONFIG_FILE, LOCAL_RESULT_FILE, RUN_SUMMARY_FILE)
 # Fields that may change between a run and its resumption (everything else must match).
 LR_SCHEDULES = ("constant", "cosine")
+REPORT_TO = ("tensorboard", "wandb")
 RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "snapshot_every", "log_every", "progress", "max_val_samples", "resume",
-                     "save_adapter", "out_dir", "num_workers"}
+                     "save_adapter", "out_dir", "num_workers", "learning_check_samples", "report_to"}
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a CUDA device is present, else 'cpu'; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 @dataclass
@@ -123,7 +134,9 @@ class TrainConfig:
     # and values beyond the base's bounds clip to the end bins (as at inference).
     keep_base_statistics: bool = False
     num_workers: int = 0  # DataLoader worker processes building batches; 0: in the training process
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when present, else the CPU
+    # Experiment trackers besides the CSV log: "tensorboard" (when installed), "wandb".
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     eval_every: int = 100
     save_every: int = 100
     # Also export a complete checkpoint (loadable by every engine) every this many steps, under
@@ -131,6 +144,9 @@ class TrainConfig:
     snapshot_every: int = 0
     log_every: int = 1
     max_val_samples: int = 256
+    # Held-out samples the learning check decodes greedily at each evaluation (model vs mean
+    # predictor vs shuffled images vs swapped instructions; see training/diagnostics.py); 0: off.
+    learning_check_samples: int = 64
     cache_dir: str | None = None  # None: out_dir/cache
     resume: bool = True
     save_adapter: bool = False
@@ -172,6 +188,9 @@ class TrainConfig:
             raise ValueError(f"snapshot_every must be an integer >= 0 (0: no snapshots), got {self.snapshot_every!r}")
         if isinstance(self.num_workers, bool) or int(self.num_workers) != self.num_workers or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if isinstance(self.learning_check_samples, bool) or not isinstance(self.learning_check_samples, int) \
+                or self.learning_check_samples < 0:
+            raise ValueError(f"learning_check_samples must be an integer >= 0 (0: off), got {self.learning_check_samples!r}")
         if self.chunk_len is not None and self.chunk_len < 1:
             raise ValueError(f"chunk_len must be >= 1, got {self.chunk_len}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -194,15 +213,23 @@ class TrainConfig:
         if self.quantize is not None:
             if self.quantize not in QUANTIZE_MODES:
                 raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None, got {self.quantize!r}")
-            if not self.device.startswith("cuda") or not torch.cuda.is_available():
+            if not resolve_device(self.device).startswith("cuda") or not torch.cuda.is_available():
                 raise ValueError(f"quantize={self.quantize!r} (QLoRA with bitsandbytes) needs a CUDA device; "
                                  f"device is {self.device!r}, CUDA available: {torch.cuda.is_available()}")
             if self.lora_rank == 0 or "language_model" in self.train_parts:
                 raise ValueError("quantized base weights are frozen: use LoRA and do not train the language model fully")
+        bad = [r for r in self.report_to if r not in REPORT_TO]
+        if bad:
+            raise ValueError(f"report_to {bad}: choose from {list(REPORT_TO)}")
+        if "wandb" in self.report_to:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("report_to wandb needs the wandb package (pip install wandb)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         return self
@@ -292,6 +319,8 @@ def run_training_local_processes(config: "TrainConfig", processes: int, *, threa
         raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
     if processes == 1:  # in this process, with its own thread settings
         return run_training(config)
+    if config.device == "auto":
+        config = replace(config, device="cpu")
     if config.device != "cpu":
         raise ValueError(f"local processes train on the CPU (gloo); for GPUs use torchrun, got device {config.device!r}")
     import torch.multiprocessing as tmp
@@ -747,12 +776,38 @@ def _append_log(path: Path, row: dict) -> None:
         writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
 
 
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # optional: CSV is always written
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
+class _Trackers:
+    """Scalars to TensorBoard (when installed) and Weights & Biases (when asked); the CSV log is always written."""
+
+    def __init__(self, out_dir: Path, config: "TrainConfig"):
+        self.board = self.wandb = None
+        if "tensorboard" in config.report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: without the package the CSV log stays the record
+                log.info("tensorboard is not installed: logging to %s only", LOG_FILE)
+            else:
+                self.board = SummaryWriter(str(out_dir / "tensorboard"))
+        if "wandb" in config.report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("report_to wandb needs the wandb package (pip install wandb)") from None
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "openvla_ros"), dir=str(out_dir),
+                                    config=config.to_json(), name=out_dir.name, resume="allow")
+
+    def scalars(self, values: dict, step: int) -> None:
+        if self.board is not None:
+            for k, v in values.items():
+                self.board.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(dict(values), step=step)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def prepare_data(config: TrainConfig, ctx: DistContext, cache_dir: Path) -> list[CachedDataset]:
@@ -775,7 +830,7 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     `on_step(step, seconds, loss)` is called after each optimizer step with the step's time on
     `clock` (batch loading, forward, backward, optimizer; not validation or saving).
     """
-    config = config.validated()
+    config = replace(config, device=resolve_device(config.device)).validated()
     device = config.device
     ctx = init_distributed(device)
     if ctx.world > 1 and device.startswith("cuda"):
@@ -835,6 +890,12 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     val = build_split(datasets, val_eps, chunk_len)
     schedule = BatchSchedule(train.sizes, [d.weight for d in config.datasets], config.seed)
     val_samples = split_samples(val, config.max_val_samples) if any(val.sizes) else []
+    check_samples = split_samples(val, config.learning_check_samples) \
+        if (any(val.sizes) and config.learning_check_samples) else []
+    action_stats = stats_for(statistics)
+    train_mean = {ds.name: normalised_mean(np.concatenate([ds.episodes[e].actions for e in tr], axis=0), action_stats[ds.name])
+                  for ds, tr in zip(datasets, train_eps)}
+    check = None
 
     inner, peft_model = prepare_model(config, base, device)
     tokens = collator.action_tokenizer
@@ -874,7 +935,7 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     micro, per_rank = config.batch_size, config.batch_size * config.grad_accum
     global_batch = per_rank * ctx.world
     autocast = device.startswith("cuda")
-    board = _tensorboard(out_dir) if ctx.is_main else None
+    trackers = _Trackers(out_dir, config) if ctx.is_main else None
     bar = None
     if ctx.is_main and config.progress:
         from tqdm import tqdm
@@ -966,15 +1027,19 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
         if val_samples and (step % config.eval_every == 0 or step == config.steps):
             if ctx.is_main:
                 metrics = evaluate(objective, collator, val_samples, batch_size=micro, device=device, autocast=autocast)
+                if check_samples:
+                    check = learning_check(inner, collator, check_samples, train_mean, batch_size=micro, device=device,
+                                           autocast=autocast, seed=config.seed)
+                    if check is not None:
+                        metrics.update(check.metrics())
                 row.update({k: f"{v:.6f}" for k, v in metrics.items()})
             ctx.barrier()
         if ctx.is_main:
             if step % config.log_every == 0 or step == config.steps or "val_loss" in row:
                 _append_log(log_path, row)
-            if board is not None:
-                board.add_scalar("train/loss", last_loss, step)
-                for k, v in metrics.items():
-                    board.add_scalar(f"val/{k}", v, step)
+            if trackers is not None:
+                trackers.scalars({"train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                                  **({f"val/{k}": v for k, v in metrics.items()} if "val_loss" in row else {})}, step)
             if bar is not None:
                 bar.set_postfix(loss=f"{last_loss:.4f}", **({"acc": f"{metrics['val_token_accuracy']:.3f}"} if metrics else {}))
                 bar.update(1)
@@ -985,11 +1050,19 @@ def run_training(config: TrainConfig, *, clock: Callable[[], float] = time.perf_
     del batches, loader  # stops the worker processes now rather than at garbage collection
     if bar is not None:
         bar.close()
-    if board is not None:
-        board.close()
+    if trackers is not None:
+        trackers.close()
 
     if ctx.is_main:
         export_to(out_dir, save_adapter=config.save_adapter)
+        summary = {"steps": step, "final_loss": last_loss, "metrics": metrics,
+                   "learning_check": None if check is None else check.as_dict(),
+                   "warnings": [] if check is None else list(check.warnings)}
+        if check is None and config.learning_check_samples:
+            summary["warnings"].append("no learning check: no held-out episodes (raise val_fraction or add episodes)")
+        for warning in summary["warnings"]:
+            log.warning("%s: %s", out_dir, warning)
+        (out_dir / RUN_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     ctx.barrier()
     return TrainResult(checkpoint_dir=out_dir, steps=step, final_loss=last_loss, metrics=metrics, log_path=log_path)
 
