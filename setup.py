@@ -55,7 +55,7 @@ setup(
         "eval": ["rosbags", "matplotlib"],
         "train": ["peft", "accelerate", "h5py"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
-        "gpu": ["bitsandbytes"],
+        "quant": ["bitsandbytes", "torchao"],
         "test": ["pytest", "pytest-timeout"],
     },
     zip_safe=True,

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from .vla import constants as C
+
 DEFAULT_INSTRUCTION = "reach the red cube"
 DEMO_DIR = Path("runs/demo")
 
@@ -41,7 +43,7 @@ def _add_engine_options(parser: argparse.ArgumentParser, several_checkpoints: bo
                             help="checkpoint directory (official OpenVLA format); not needed with --engine remote")
     parser.add_argument("--engine", default="torch", choices=engine_names(), help="backend (default: torch)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=C.DTYPE_CHOICES, help=C.DTYPE_HELP)
     parser.add_argument("--unnorm-key", default=None, help="dataset key of the statistics to un-normalise with")
     parser.add_argument("--center-crop", action="store_true", help="90%% area centre crop (augmentation-trained models)")
     parser.add_argument("--rotate-180", action="store_true", help="rotate the image 180 degrees (camera upside down)")
@@ -381,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"backends to compare ({', '.join(engine_names())} or all); default: torch against generate()")
     p.add_argument("--images", type=int, default=5, help="with --engine: synthetic scenes used (ignored with --image)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=C.DTYPE_CHOICES, help=C.DTYPE_HELP)
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--image", default=None, help="image file (default: a generated scene)")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)

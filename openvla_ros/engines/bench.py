@@ -208,7 +208,7 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
         rss_before = current_rss_mb()
         torch_engine = TorchEngine(checkpoint, **common)
         torch_rss = current_rss_mb()
-        if dtype == "float32":
+        if torch_engine.dtype_name == "float32":
             reference_engine = torch_engine
         else:
             reference_engine = TorchEngine(checkpoint, device=device, dtype="float32", unnorm_key=unnorm_key)
@@ -233,7 +233,7 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             if name in ("bnb4", "bnb8"):
                 from .bnb_engine import bnb_unavailable_reason
 
-                reason = bnb_unavailable_reason()
+                reason = bnb_unavailable_reason(device)
                 if reason is not None:
                     return reason
                 return create_engine(name, checkpoint, **common)

@@ -36,3 +36,8 @@ CONFIG_KEY_CHUNK = "action_chunk_len"  # K actions decoded per call (K*D tokens)
 CONFIG_KEY_DT = "control_period_s"  # seconds each action covers, default DEFAULT_CONTROL_PERIOD_S
 CONFIG_KEY_DIM_NAMES = "action_dim_names"  # names of the D action dimensions
 CONFIG_KEY_PROMPT_STYLE = "prompt_style"  # "openvla" or "vicuna"; default derived from the LLM id
+
+# What --dtype and vla_node's dtype parameter accept; auto picks per model size (vla/loading.py).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = ("weights dtype; auto (default): float32 for models under 1e9 parameters (tiny/demo), "
+              "else bfloat16 (float16 on GPUs without bf16)")
