@@ -9,7 +9,7 @@ import torch
 
 from openvla_ros.cli import main
 from openvla_ros.engines.base import ActionChunk
-from openvla_ros.engines.bench import (bench_backends, bench_inputs, check_and_warm, format_backends_table,
+from openvla_ros.engines.bench import (agreement, bench_backends, bench_inputs, check_and_warm, format_backends_table,
                                       interleaved_latencies)
 
 from conftest import ManualClock
@@ -42,6 +42,13 @@ def test_cli_bench_torch_onnx_remote_bnb4(tiny_checkpoint, capsys):
     bnb = rows["bnb4"]
     assert bnb["available"] is True and bnb["device"] == "cpu" and bnb["tokens_per_action"] == 7
     assert isinstance(bnb["tokens_identical_to_torch_fp32"], bool) and bnb["latency_ms_p50"] > 0
+    # 2 images x 3 instructions (the default extra two); fp32 backends agree exactly
+    assert result["images"] == 6 and len(result["instructions"]) == 3
+    for name in ("torch", "onnx", "remote"):
+        assert rows[name]["token_agreement"] == 1.0 and rows[name]["mean_bin_distance"] == 0.0
+        assert rows[name]["action_l2"] == pytest.approx(0.0, abs=1e-12)
+    assert 0.0 <= bnb["token_agreement"] <= 1.0 and bnb["mean_bin_distance"] >= 0.0 and bnb["action_l2"] >= 0.0
+    assert (bnb["token_agreement"] == 1.0) == bnb["tokens_identical_to_torch_fp32"] == (bnb["mean_bin_distance"] == 0.0)
     table = format_backends_table(result)
     assert table.splitlines()[0].startswith("engine") and "remote" in table
 
@@ -71,6 +78,29 @@ def test_check_and_warm_checks_every_image():
     assert log == [("shifted", 0), ("shifted", 1), ("shifted", 0)]
     same = _FakeEngine("same", [], clock, 0.01)
     assert check_and_warm(same, IMAGES, warmup=0, reference_tokens=REFERENCE)["tokens_identical"] is True
+
+
+def test_agreement_counts_identical_tokens_bin_distance_and_action_error():
+    def chunk(tokens, actions):
+        return ActionChunk(actions=np.array([actions], float), dim_names=["a", "b"], dt=0.1, tokens=np.array(tokens),
+                           normalised=np.array([actions], float) / 10)
+
+    ours = [chunk([10, 20], [0.0, 3.0]), chunk([30, 40], [1.0, 1.0])]
+    reference = [chunk([10, 22], [0.0, 0.0]), chunk([31, 40], [1.0, 5.0])]
+    figures = agreement(ours, reference)
+    assert figures["token_agreement"] == 0.5 and figures["mean_bin_distance"] == 0.75  # (0 + 2 + 1 + 0) / 4
+    assert figures["action_l2"] == pytest.approx(3.5) and figures["normalised_l2"] == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="3 tokens against 4"):
+        agreement([chunk([1, 2], [0, 0]), ActionChunk(actions=np.zeros((1, 1)), dim_names=["a"], dt=0.1, tokens=np.array([3]))],
+                  reference)
+
+
+def test_bench_inputs_pair_every_image_with_every_instruction():
+    inputs = bench_inputs(2, ["reach", "push"])
+    assert [text for _, text in inputs] == ["reach", "push", "reach", "push"]
+    assert np.array_equal(inputs[0][0], inputs[1][0]) and not np.array_equal(inputs[0][0], inputs[2][0])
+    with pytest.raises(ValueError, match="at least one instruction"):
+        bench_inputs(1, [])
 
 
 def test_interleaved_latencies_alternate_engines_and_time_each():

@@ -88,6 +88,9 @@ BENCH_NOTES = [
     "peak_rss_mb: ru_maxrss, process-wide peak at the end (all backends loaded at once for the interleaved runs)",
     "gpu_peak_mb: torch.cuda.max_memory_allocated over the row's load and untimed calls, including the torch engine kept for reference",
     "tokens_identical_to_torch_fp32: tokens equal to a float32 TorchEngine on every bench image and every timed call",
+    "token_agreement / mean_bin_distance / action_l2 / normalised_l2: against the float32 TorchEngine over every "
+    "(image, instruction) input: share of identical action tokens, mean |token difference| in bins, mean L2 "
+    "of the chunk's action difference in dataset units and in [-1, 1]",
 ]
 
 
@@ -111,13 +114,37 @@ def peak_rss_mb(children: bool = False) -> float:
     return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024  # bytes on macOS, KiB on Linux
 
 
-def bench_inputs(n_images: int, instruction: str, image: np.ndarray | None = None) -> list[tuple[np.ndarray, str]]:
-    """The (image, instruction) pairs every backend sees: the given image, else `n_images` synthetic scenes."""
+def bench_inputs(n_images: int, instruction, image: np.ndarray | None = None) -> list[tuple[np.ndarray, str]]:
+    """The (image, instruction) pairs every backend sees: the given image, else `n_images` synthetic
+    scenes, each with every instruction (`instruction` is one string or several)."""
+    instructions = [instruction] if isinstance(instruction, str) else list(instruction)
+    if not instructions:
+        raise ValueError("at least one instruction is needed")
     if image is not None:
-        return [(image, instruction)]
+        return [(image, text) for text in instructions]
     if n_images < 1:
         raise ValueError(f"images must be >= 1, got {n_images}")
-    return [(synthetic_scene(seed=seed), instruction) for seed in range(n_images)]
+    return [(synthetic_scene(seed=seed), text) for seed in range(n_images) for text in instructions]
+
+
+def agreement(chunks, reference_chunks) -> dict:
+    """How far a backend's answers are from the float32 reference's on the same inputs.
+
+    token_agreement: share of action tokens identical; mean_bin_distance: mean |token - reference
+    token| (one token id is one action bin); action_l2: mean over inputs of the L2 norm of the
+    un-normalised action difference (whole chunk); normalised_l2: the same on the [-1, 1] values.
+    """
+    tokens = np.concatenate([np.ravel(c.tokens) for c in chunks]).astype(np.int64)
+    reference = np.concatenate([np.ravel(c.tokens) for c in reference_chunks]).astype(np.int64)
+    if tokens.shape != reference.shape:
+        raise ValueError(f"{tokens.size} tokens against {reference.size} reference tokens")
+    l2 = [float(np.linalg.norm(c.actions - r.actions)) for c, r in zip(chunks, reference_chunks, strict=True)]
+    normalised = [float(np.linalg.norm(c.normalised - r.normalised)) for c, r in zip(chunks, reference_chunks)
+                  if c.normalised is not None and r.normalised is not None]
+    return {"token_agreement": float(np.mean(tokens == reference)),
+            "mean_bin_distance": float(np.mean(np.abs(tokens - reference))),
+            "action_l2": float(np.mean(l2)),
+            "normalised_l2": float(np.mean(normalised)) if normalised else None}
 
 
 def _fmt(value, spec: str) -> str:
@@ -129,18 +156,29 @@ def _tokens(chunk) -> list[int] | None:
     return None if chunk.tokens is None else [int(t) for t in np.ravel(chunk.tokens)]
 
 
-def check_and_warm(engine, inputs, *, warmup: int, reference_tokens: list[list[int]]) -> dict:
-    """Untimed: every input once (tokens against the reference), then `warmup` more calls."""
+def check_and_warm(engine, inputs, *, warmup: int, reference_tokens: list[list[int]],
+                   reference_chunks: list | None = None) -> dict:
+    """Untimed: every input once (tokens against the reference), then `warmup` more calls.
+
+    With the reference's chunks, also the `agreement` figures (when the backend returns tokens)."""
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    identical, n_tokens = True, None
+    identical, n_tokens, chunks = True, None, []
     for (image, instruction), reference in zip(inputs, reference_tokens, strict=True):
-        tokens = _tokens(engine.predict(image, instruction))
+        chunk = engine.predict(image, instruction)
+        chunks.append(chunk)
+        tokens = _tokens(chunk)
         identical &= tokens == reference
         n_tokens = len(tokens) if tokens is not None else n_tokens
     for i in range(warmup):
         engine.predict(*inputs[i % len(inputs)])
-    return {"tokens_identical": bool(identical), "tokens_per_action": n_tokens}
+    result = {"tokens_identical": bool(identical), "tokens_per_action": n_tokens}
+    if reference_chunks is not None:
+        if all(c.tokens is not None for c in chunks):
+            result.update(agreement(chunks, reference_chunks))
+        else:
+            result.update(dict.fromkeys(("token_agreement", "mean_bin_distance", "action_l2", "normalised_l2")))
+    return result
 
 
 def interleaved_latencies(engines: dict, inputs, *, runs: int, reference_tokens: list[list[int]],
@@ -212,7 +250,8 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             reference_engine = torch_engine
         else:
             reference_engine = TorchEngine(checkpoint, device=device, dtype="float32", unnorm_key=unnorm_key)
-        reference = [_tokens(reference_engine.predict(image, text)) for image, text in inputs]
+        reference_chunks = [reference_engine.predict(image, text) for image, text in inputs]
+        reference = [_tokens(chunk) for chunk in reference_chunks]
         del reference_engine
 
         def temp_dir(prefix):
@@ -287,7 +326,8 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             row = {"engine": name, "available": True,
                    "device": info.get("device") or ",".join(info.get("providers") or []) or info.get("url"),
                    "dtype": info.get("dtype")}
-            checked = check_and_warm(engine, inputs, warmup=warmup, reference_tokens=reference)
+            checked = check_and_warm(engine, inputs, warmup=warmup, reference_tokens=reference,
+                                     reference_chunks=reference_chunks)
             row["rss_after_load_mb"] = rss_loaded
             row["rss_increase_over_torch_mb"] = 0.0 if name == "torch" else rss_loaded - torch_rss
             if name == "torch":
@@ -306,6 +346,8 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
                         "tokens_per_s": n_tokens / (stats["latency_ms_p50"] / 1e3) if n_tokens and stats["latency_ms_p50"] > 0 else None,
                         "tokens_per_action": n_tokens, "samples": stats["samples"],
                         "tokens_identical_to_torch_fp32": checked["tokens_identical"] and stats["tokens_identical"],
+                        "token_agreement": checked["token_agreement"], "mean_bin_distance": checked["mean_bin_distance"],
+                        "action_l2": checked["action_l2"], "normalised_l2": checked["normalised_l2"],
                         "peak_rss_mb": peak_rss_mb()})
     torch_rows = [r for r in rows if r["engine"] == "torch" and r["available"]]
     for row in rows:
@@ -313,12 +355,14 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             row["ratio_vs_torch"] = (torch_rows[0]["latency_ms_p50"] / row["latency_ms_p50"]) if torch_rows else None
     return {"benchmark": "engines", "rows": rows, "checkpoint": str(checkpoint), "device": device,
             "cuda": cuda, "dtype": dtype, "runs": runs, "warmup": warmup, "images": len(inputs),
+            "instructions": sorted({text for _, text in inputs}),
             "torch_threads": torch.get_num_threads(), "notes": BENCH_NOTES}
 
 
 def format_backends_table(result: dict) -> str:
     """The rows of `bench_backends` as an aligned text table, unavailable backends with their reason."""
-    header = ["engine", "p50 ms", "p95 ms", "tok/s", "x torch", "RSS MB", "+RSS MB", "GPU MB", "tokens=torch32"]
+    header = ["engine", "dtype", "p50 ms", "p95 ms", "tok/s", "x torch", "RSS MB", "+RSS MB", "GPU MB", "tokens=torch32",
+              "agree", "bin dist", "action L2"]
     lines = []
     for row in result["rows"]:
         if not row["available"]:
@@ -326,15 +370,17 @@ def format_backends_table(result: dict) -> str:
             continue
         gpu = _fmt(row["gpu_peak_mb"], ".0f")
         tps = _fmt(row["tokens_per_s"], ".0f")
-        lines.append([row["engine"], f"{row['latency_ms_p50']:.1f}", f"{row['latency_ms_p95']:.1f}", tps,
+        lines.append([row["engine"], str(row.get("dtype")), f"{row['latency_ms_p50']:.1f}", f"{row['latency_ms_p95']:.1f}", tps,
                       _fmt(row["ratio_vs_torch"], ".2f"), f"{row['rss_after_load_mb']:.0f}",
                       _fmt(row["rss_increase_over_torch_mb"], "+.0f"), gpu,
-                      "yes" if row["tokens_identical_to_torch_fp32"] else "NO"])
+                      "yes" if row["tokens_identical_to_torch_fp32"] else "NO",
+                      _fmt(row.get("token_agreement"), ".1%"), _fmt(row.get("mean_bin_distance"), ".2f"),
+                      _fmt(row.get("action_l2"), ".2e")])
     widths = [max(len(r[i]) for r in [header] + [r for r in lines if len(r) == len(header)]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     for r in lines:
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) if len(r) == len(header) else "  ".join(r))
     out.append(f"checkpoint {result['checkpoint']}, device {result['device']}, {result['runs']} runs "
-               f"(+{result['warmup']} warmup) over {result['images']} image(s)")
+               f"(+{result['warmup']} warmup) over {result['images']} (image, instruction) input(s)")
     out.extend("note: " + note for note in result["notes"])
     return "\n".join(out)
