@@ -8,6 +8,7 @@
     openvla-ros eval topics BAG
     openvla-ros eval latency --checkpoint DIR [--latencies 0.05,0.1,...|--latency-file F] [--strategies ...] --out DIR
     openvla-ros train (--checkpoint CKPT | --from-scratch) --data BAGS... --out DIR
+    openvla-ros bench gpu [--out FILE] [--with-7b]
     openvla-ros bench load --checkpoint DIR [--engine E] [--dtype auto|float32|bfloat16]
     openvla-ros bench ik|control [--json]
     openvla-ros bench train [--steps N] [--batch-size B] [--lora-rank R | --full] [--num-workers N] [--threads T] [--json]
@@ -125,6 +126,21 @@ def cmd_make_shaped_checkpoint(args) -> int:
                                   progress=lambda line: print(line, file=sys.stderr))
     print(f"wrote {'reduced' if args.reduced else 'released'}-shape checkpoint to {out}")
     return 0
+
+
+def cmd_bench_gpu(args) -> int:
+    from .engines.gpu_check import run_gpu_check
+
+    if args.wide_layers < 2:
+        raise ValueError(f"--wide-layers must be >= 2, got {args.wide_layers}")
+    if args.runs < 2:
+        raise ValueError(f"--runs must be >= 2, got {args.runs}")
+    report = run_gpu_check(args.out, device=args.device, wide_layers=args.wide_layers, wide=not args.no_wide,
+                           with_7b=args.with_7b, tests=not args.no_tests, engines=args.engine, runs=args.runs,
+                           workdir=args.workdir, progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {args.out}: " + ", ".join(f"{name} {'ok' if part['ok'] else 'FAILED'}"
+                                            for name, part in report["parts"].items()))
+    return 0 if report["ok"] else 1
 
 
 def cmd_bench_load(args) -> int:
@@ -496,6 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=C.DTYPE_CHOICES, help=C.DTYPE_HELP)
     p.add_argument("--json", action="store_true", help="one line of JSON")
     p.set_defaults(func=cmd_bench_load)
+
+    p = bench.add_parser("gpu", help="every GPU-only test and benchmark in one run, one JSON (CUDA machines)")
+    p.add_argument("--out", default="gpu_check.json", help="the JSON report (default: gpu_check.json)")
+    p.add_argument("--device", default="cuda", help="cuda[:N]; cpu runs the same plumbing on the CPU")
+    p.add_argument("--engine", nargs="+", default=None, choices=engine_names(), metavar="ENGINE",
+                   help="backends for the tiny comparison (default: torch bnb4 bnb8 int8 int4 onnx tensorrt)")
+    p.add_argument("--wide-layers", type=int, default=2, help="LM layers of the released-width model (default 2)")
+    p.add_argument("--no-wide", action="store_true", help="skip the released-width model (~2.9 GB written)")
+    p.add_argument("--with-7b", action="store_true", help="also load a 7B-shaped checkpoint (~15 GB written)")
+    p.add_argument("--no-tests", action="store_true", help="skip `pytest -m gpu`")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir); reused if present")
+    p.set_defaults(func=cmd_bench_gpu)
 
     p = bench.add_parser("ik", help="IK step and camera frame cost on the Panda")
     p.add_argument("--steps", type=int, default=2000)

@@ -120,3 +120,19 @@ def test_bench_backends_rejects_unknown_engine_and_bad_inputs(tiny_checkpoint):
         bench_backends(tiny_checkpoint, ["nope"], inputs=bench_inputs(1, "x"))
     with pytest.raises(ValueError, match="images must be >= 1, got 0"):
         bench_inputs(0, "x")
+
+
+def test_gpu_check_writes_one_json_with_every_part(tmp_path):
+    """The GPU check's plumbing, run on the CPU (on a CUDA machine scripts/gpu_check.sh runs it whole)."""
+    from openvla_ros.engines.gpu_check import run_gpu_check
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA machine"):
+            run_gpu_check(tmp_path / "x.json", device="cuda")
+    report = run_gpu_check(tmp_path / "check.json", device="cpu", wide=False, tests=False, engines=["torch", "int8"],
+                           runs=2, workdir=tmp_path / "work", progress=lambda line: None)
+    stored = json.loads((tmp_path / "check.json").read_text())
+    assert stored["ok"] is True and stored == json.loads(json.dumps(report))
+    rows = stored["parts"]["tiny_backends"]["rows"]
+    assert sorted(rows) == ["int8", "torch"] and rows["torch"]["dtype"] == "bfloat16"
+    assert rows["int8"]["available"] and 0.0 <= rows["int8"]["token_agreement"] <= 1.0

@@ -210,3 +210,16 @@ def test_an_unknown_stored_dtype_is_named(tmp_path, tiny_checkpoint):
     shard.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0")
     with pytest.raises(CheckpointError, match=r"odd.safetensors: tensor 'w' has a malformed entry"):
         read_safetensors_header(shard)
+
+
+def test_the_predict_action_rerun_gives_the_engines_tokens_in_float32(torch_engine, tiny_chunk_checkpoint):
+    """The yardstick of the speed benchmark computes what the engine computes, chunked models included."""
+    from openvla_ros.engines.reference_predict import reference_predict_tokens
+
+    chunk_engine = create_engine("torch", tiny_chunk_checkpoint)
+    for engine, seeds in ((torch_engine, (0, 1, 2)), (chunk_engine, (3,))):
+        for seed in seeds:
+            image = random_image(seed)
+            pixel_values, input_ids = engine.prepare(image, "reach the red cube")
+            tokens = reference_predict_tokens(engine.model, pixel_values, input_ids, engine.pipeline.n_tokens)
+            assert tokens == engine.predict(image, "reach the red cube").tokens.tolist()

@@ -31,16 +31,21 @@ def synthetic_scene(seed: int = 0, height: int = 256, width: int = 320) -> np.nd
 
 
 def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, runs: int = 20,
-                 warmup: int = 3) -> dict:
+                 warmup: int = 3, predict_action: bool = True) -> dict:
+    """Ours against two references on the same weights and inputs, interleaved per run: the language
+    model's `generate()` on our embeddings, and (`predict_action`) a faithful re-run of OpenVLA's own
+    predict_action (`reference_predict`: every vision block, full-sequence logits, growing cache/mask)."""
+    from .reference_predict import reference_predict_tokens
+
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     clock = time.perf_counter
     ours: dict[str, list[float]] = {}
-    ref_lm, ref_total = [], []
-    identical = True
-    ours_tokens = ref_tokens = None
+    ref_lm, ref_total, pa_total = [], [], []
+    identical = identical_pa = True
+    ours_tokens = ref_tokens = pa_tokens = None
     for i in range(warmup + runs):
-        # Interleave the two paths so machine load affects both alike.
+        # Interleave the paths so machine load affects all alike.
         chunk = engine.predict(image, instruction)
         t0 = clock()
         with torch.inference_mode():
@@ -50,15 +55,24 @@ def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, ru
         total_ms = (clock() - t0) * 1e3
         ours_tokens, ref_tokens = chunk.tokens.tolist(), tokens
         identical &= ours_tokens == ref_tokens
+        if predict_action:
+            t0 = clock()
+            pixel_values, input_ids = engine.prepare(image, instruction)
+            pa_tokens = reference_predict_tokens(engine.model, pixel_values, input_ids, engine.pipeline.n_tokens)
+            engine._sync()
+            pa_ms = (clock() - t0) * 1e3
+            identical_pa &= ours_tokens == pa_tokens
         if i < warmup:
             continue
         for stage, ms in chunk.timings_ms.items():
             ours.setdefault(stage, []).append(ms)
         ref_lm.append(lm_ms)
         ref_total.append(total_ms)
+        if predict_action:
+            pa_total.append(pa_ms)
     ours_ms = {stage: statistics.median(values) for stage, values in ours.items()}
     ref_ms = {"lm": statistics.median(ref_lm), "total": statistics.median(ref_total)}
-    return {
+    result = {
         "benchmark": "engine",
         "engine": engine.info(),
         "runs": runs,
@@ -73,6 +87,12 @@ def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, ru
         "speedup_lm": ref_ms["lm"] / ours_ms["lm"],
         "speedup_total": ref_ms["total"] / ours_ms["total"],
     }
+    if predict_action:
+        pa_ms = statistics.median(pa_total)
+        result.update({"predict_action_ms": pa_ms, "tokens_identical_to_predict_action": bool(identical_pa),
+                       "predict_action_reference": "re-run of OpenVLA's predict_action (engines/reference_predict.py)",
+                       "speedup_vs_predict_action": pa_ms / ours_ms["total"]})
+    return result
 
 
 # Every backend on the same inputs (`bench engine --engine all|NAME...`) ----------------------------
