@@ -76,3 +76,17 @@ def test_the_reduced_checkpoint_loads_in_every_local_engine_and_gives_actions(re
     assert len(tokens) == 7 and all(256 <= t < 512 for t in tokens.tolist())
     for name in ("bnb4", "int8"):
         assert create_engine(name, reduced_checkpoint).predict(image, "pick up the screw").is_finite
+
+
+def test_cli_writes_a_reduced_checkpoint_and_measures_its_load_in_a_child(tmp_path, capsys):
+    from openvla_ros.cli import main
+
+    assert main(["make-shaped-checkpoint", str(tmp_path / "r"), "--reduced"]) == 0
+    capsys.readouterr()
+    assert main(["bench", "load", "--checkpoint", str(tmp_path / "r"), "--dtype", "bfloat16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loaded"] and result["dtype"] == "bfloat16" and result["engine_dtype"] == "bfloat16"
+    assert result["weight_bytes"] == weight_bytes(tensor_entries(Checkpoint.open(tmp_path / "r")), torch.bfloat16)
+    assert result["peak_rss_mb"] >= result["baseline_rss_mb"] > 0
+    assert main(["make-shaped-checkpoint", str(tmp_path / "x"), "--layers", "1"]) == 2
+    assert "--layers must be >= 2, got 1" in capsys.readouterr().err
