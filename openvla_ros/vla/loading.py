@@ -245,6 +245,25 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> str:
     return module_name
 
 
+_MALLOC_TRIM = []
+
+
+def release_freed_heap() -> None:
+    """Hand memory freed by a quantiser's temporaries back to the OS (glibc keeps freed blocks below
+    its mmap threshold in the heap: measured, NF4-quantising a 4096x11008 layer on the CPU otherwise
+    leaves ~20 MB of fragments behind per layer, ~3 GB over the 7B's decoder). No-op off glibc."""
+    if not _MALLOC_TRIM:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _MALLOC_TRIM.append(None)
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
+
+
 def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
     parent_name, _, child = module_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -273,6 +292,7 @@ def load_streamed(model: nn.Module, entries: list[TensorEntry], *, dtype: torch.
             if not pending[module_name]:
                 del pending[module_name]
                 _replace(model, module_name, quantiser.quantise(model.get_submodule(module_name), device))
+                release_freed_heap()
                 if on_quantised is not None:
                     on_quantised(module_name)
     # Buffers that are not stored (e.g. rotary inv_freq) were created for real on the CPU.
