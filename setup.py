@@ -57,7 +57,7 @@ setup(
         # LeRobot datasets (parquet + mp4) and RLDS tfrecords, without TensorFlow
         "data": ["pyarrow", "av", "tfrecord"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
-        "gpu": ["bitsandbytes"],
+        "quant": ["bitsandbytes", "torchao"],
         "test": ["pytest", "pytest-timeout"],
     },
     zip_safe=True,

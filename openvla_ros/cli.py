@@ -1,12 +1,15 @@
 """The `openvla-ros` command: one entry point with subcommands.
 
     openvla-ros make-tiny-checkpoint OUT [--seed N] [--chunk K]
+    openvla-ros make-shaped-checkpoint OUT [--layers N | --reduced]
     openvla-ros predict --checkpoint DIR --image FILE --instruction TEXT [--json]
     openvla-ros bench engine --checkpoint DIR [--engine all|NAME... | --forced-steps P...] [--json]
     openvla-ros eval bag --checkpoint DIR [DIR...] --bags PATH [PATH...] --out DIR [--truth-topic T]
     openvla-ros eval topics BAG
     openvla-ros eval latency --checkpoint DIR [--latencies 0.05,0.1,...|--latency-file F] [--strategies ...] --out DIR
     openvla-ros train (--checkpoint CKPT | --from-scratch) --data BAGS... --out DIR
+    openvla-ros bench gpu [--out FILE] [--with-7b]
+    openvla-ros bench load --checkpoint DIR [--engine E] [--dtype auto|float32|bfloat16]
     openvla-ros bench ik|control [--json]
     openvla-ros bench train [--steps N] [--batch-size B] [--lora-rank R | --full] [--num-workers N] [--threads T] [--json]
     openvla-ros sim --task reach-cube --seconds N [--checkpoint DIR]
@@ -23,7 +26,11 @@ import sys
 import time
 from pathlib import Path
 
+from .vla import constants as C
+
 DEFAULT_INSTRUCTION = "reach the red cube"
+# `bench engine --engine ...` runs every image with these too, so agreement covers several prompts.
+BENCH_EXTRA_INSTRUCTIONS = ("pick up the blue block", "push the red block to the left")
 DEMO_DIR = Path("runs/demo")
 
 
@@ -41,7 +48,7 @@ def _add_engine_options(parser: argparse.ArgumentParser, several_checkpoints: bo
                             help="checkpoint directory (official OpenVLA format); not needed with --engine remote")
     parser.add_argument("--engine", default="torch", choices=engine_names(), help="backend (default: torch)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=C.DTYPE_CHOICES, help=C.DTYPE_HELP)
     parser.add_argument("--unnorm-key", default=None, help="dataset key of the statistics to un-normalise with")
     parser.add_argument("--center-crop", action="store_true", help="90%% area centre crop (augmentation-trained models)")
     parser.add_argument("--rotate-180", action="store_true", help="rotate the image 180 degrees (camera upside down)")
@@ -107,6 +114,43 @@ def cmd_make_tiny_checkpoint(args) -> int:
     return 0
 
 
+def cmd_make_shaped_checkpoint(args) -> int:
+    from .vla.shaped import reduced_config, released_config, write_shaped_checkpoint
+
+    if args.layers is not None and args.layers < 2:
+        raise ValueError(f"--layers must be >= 2, got {args.layers}")
+    if args.max_shard_gb <= 0:
+        raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    config = reduced_config() if args.reduced else released_config(layers=args.layers)
+    out = write_shaped_checkpoint(args.out, config, seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                                  progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {'reduced' if args.reduced else 'released'}-shape checkpoint to {out}")
+    return 0
+
+
+def cmd_bench_gpu(args) -> int:
+    from .engines.gpu_check import run_gpu_check
+
+    if args.wide_layers < 2:
+        raise ValueError(f"--wide-layers must be >= 2, got {args.wide_layers}")
+    if args.runs < 2:
+        raise ValueError(f"--runs must be >= 2, got {args.runs}")
+    report = run_gpu_check(args.out, device=args.device, wide_layers=args.wide_layers, wide=not args.no_wide,
+                           with_7b=args.with_7b, tests=not args.no_tests, engines=args.engine, runs=args.runs,
+                           workdir=args.workdir, progress=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {args.out}: " + ", ".join(f"{name} {'ok' if part['ok'] else 'FAILED'}"
+                                            for name, part in report["parts"].items()))
+    return 0 if report["ok"] else 1
+
+
+def cmd_bench_load(args) -> int:
+    from .engines.load_bench import measure_load
+
+    result = measure_load(args.checkpoint, engine=args.engine, dtype=args.dtype, device=args.device)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0
+
+
 def cmd_predict(args) -> int:
     if args.repeat < 1:
         raise ValueError(f"--repeat must be >= 1, got {args.repeat}")
@@ -164,7 +208,7 @@ def _bench_backends(args) -> int:
     from .engines.onnx_engine import onnx_options_from_args
 
     image = load_image_file(args.image) if args.image else None
-    inputs = bench_inputs(args.images, args.instruction, image)
+    inputs = bench_inputs(args.images, [args.instruction, *args.more_instructions], image)
     result = bench_backends(args.checkpoint, args.engine, inputs=inputs, runs=args.runs, warmup=args.warmup,
                             device=args.device, dtype=args.dtype, unnorm_key=args.unnorm_key,
                             onnx_options=onnx_options_from_args(args), trt_dir=args.trt_dir)
@@ -380,6 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=1, help="actions per call (K); K*D tokens are decoded")
     p.set_defaults(func=cmd_make_tiny_checkpoint)
 
+    p = sub.add_parser("make-shaped-checkpoint", help="a checkpoint with the released 7B's config, names and sizes "
+                                                      "and random bf16 weights (~15 GB), written tensor by tensor")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--layers", type=int, default=None, help="language-model layers (default: the released 32)")
+    p.add_argument("--reduced", action="store_true", help="the released names at small widths (tests, seconds)")
+    p.add_argument("--max-shard-gb", type=float, default=7.0, help="shard size limit (the released 7B: 3 shards)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_shaped_checkpoint)
+
     p = sub.add_parser("predict", help="one action from an image file and an instruction")
     _add_engine_options(p)
     p.add_argument("--image", required=True, help="image file (PNG/JPEG)")
@@ -403,10 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch engine: latency with P committed actions forced (prefix forcing) against none, "
                         "e.g. --forced-steps 1 2 3 (each P < the chunk length)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=C.DTYPE_CHOICES, help=C.DTYPE_HELP)
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--image", default=None, help="image file (default: a generated scene)")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION)
+    p.add_argument("--more-instructions", nargs="*", default=list(BENCH_EXTRA_INSTRUCTIONS), metavar="TEXT",
+                   help="with --engine: further instructions; every image is run with each (default: "
+                        f"{'; '.join(BENCH_EXTRA_INSTRUCTIONS)})")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -478,6 +534,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert_arguments(sub.add_parser("convert", help="demonstrations between formats: bags -> LeRobot v3.0, "
                                                          "LeRobot/RLDS -> bags (for eval replay / eval bag)"))
+
+    p = bench.add_parser("load", help="peak memory and time of loading an engine, in a fresh child process; "
+                                       "a model that cannot fit reports the refusal")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--engine", default="torch", choices=engine_names())
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=C.DTYPE_CHOICES, help=C.DTYPE_HELP)
+    p.add_argument("--json", action="store_true", help="one line of JSON")
+    p.set_defaults(func=cmd_bench_load)
+
+    p = bench.add_parser("gpu", help="every GPU-only test and benchmark in one run, one JSON (CUDA machines)")
+    p.add_argument("--out", default="gpu_check.json", help="the JSON report (default: gpu_check.json)")
+    p.add_argument("--device", default="cuda", help="cuda[:N]; cpu runs the same plumbing on the CPU")
+    p.add_argument("--engine", nargs="+", default=None, choices=engine_names(), metavar="ENGINE",
+                   help="backends for the tiny comparison (default: torch bnb4 bnb8 int8 int4 onnx tensorrt)")
+    p.add_argument("--wide-layers", type=int, default=2, help="LM layers of the released-width model (default 2)")
+    p.add_argument("--no-wide", action="store_true", help="skip the released-width model (~2.9 GB written)")
+    p.add_argument("--with-7b", action="store_true", help="also load a 7B-shaped checkpoint (~15 GB written)")
+    p.add_argument("--no-tests", action="store_true", help="skip `pytest -m gpu`")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir); reused if present")
+    p.set_defaults(func=cmd_bench_gpu)
 
     p = bench.add_parser("ik", help="IK step and camera frame cost on the Panda")
     p.add_argument("--steps", type=int, default=2000)

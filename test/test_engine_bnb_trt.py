@@ -36,21 +36,20 @@ def test_bnb_settings():
             bnb_settings(kwargs.pop("bits"), **kwargs)
 
 
-def test_bnb_unavailable_reasons():
-    assert bnb_unavailable_reason(cuda_available=True, bnb_installed=True) is None
-    no_gpu = bnb_unavailable_reason(cuda_available=False, bnb_installed=True)
-    assert "CUDA" in no_gpu and "bitsandbytes" not in no_gpu
-    both = bnb_unavailable_reason(cuda_available=False, bnb_installed=False)
-    assert "CUDA" in both and "bitsandbytes" in both
+def test_bnb_unavailable_reasons_name_what_is_missing_for_the_device():
+    assert bnb_unavailable_reason("cpu", cuda_available=False, bnb_installed=True) is None
+    assert bnb_unavailable_reason("cuda", cuda_available=True, bnb_installed=True) is None
+    no_gpu = bnb_unavailable_reason("cuda:0", cuda_available=False, bnb_installed=True)
+    assert "CUDA" in no_gpu and "'cuda:0'" in no_gpu and "--device cpu" in no_gpu and "bitsandbytes package" not in no_gpu
+    no_package = bnb_unavailable_reason("cpu", cuda_available=False, bnb_installed=False)
+    assert "bitsandbytes" in no_package and "CUDA" not in no_package
 
 
-@pytest.mark.skipif(HAS_CUDA and HAS_BNB, reason="checks the error on machines that lack CUDA or bitsandbytes")
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error on machines without CUDA")
 @pytest.mark.parametrize("name", ["bnb4", "bnb8"])
-def test_bnb_engine_without_cuda_says_what_is_missing(tiny_checkpoint, name):
-    with pytest.raises(ValueError) as info:
-        create_engine(name, tiny_checkpoint)
-    message = str(info.value)
-    assert ("CUDA" in message) == (not HAS_CUDA) and ("bitsandbytes" in message) == (not HAS_BNB)
+def test_bnb_engine_on_a_cuda_device_without_cuda_says_so(tiny_checkpoint, name):
+    with pytest.raises(ValueError, match="CUDA GPU for device 'cuda'"):
+        create_engine(name, tiny_checkpoint, device="cuda")
 
 
 def test_quantised_layers_and_sizes(torch_engine):
@@ -83,7 +82,8 @@ def test_hf_greedy_decode_equals_our_decode_loop(torch_engine, tiny_chunk_checkp
 @pytest.mark.skipif(not (HAS_CUDA and HAS_BNB), reason="needs CUDA and bitsandbytes")
 @pytest.mark.parametrize("name", ["bnb4", "bnb8"])
 def test_bnb_engine_on_gpu(tiny_checkpoint, name):
-    engine = create_engine(name, tiny_checkpoint)
+    engine = create_engine(name, tiny_checkpoint, device="cuda")
+    assert engine.info()["device"] == "cuda"
     chunk = engine.predict(random_image(0), "reach the red cube")
     assert chunk.actions.shape == (1, 7) and chunk.is_finite and engine.info()["quantisation"]["bits"] == int(name[-1])
     assert type(engine.model.language_model.model.layers[0].self_attn.q_proj).__name__ in ("Linear4bit", "Linear8bitLt")

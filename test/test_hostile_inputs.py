@@ -513,13 +513,14 @@ def test_absurd_or_malformed_configs_are_one_line_errors_before_anything_is_buil
 def test_the_memory_estimate_refuses_a_model_larger_than_memory_before_building(tiny_checkpoint):
     import torch
 
-    from openvla_ros.vla.model import check_memory
+    from openvla_ros.vla.loading import InsufficientMemoryError
+    from openvla_ros.vla.model import check_config_fits
 
     config = Checkpoint.open(tiny_checkpoint).config
-    need = check_memory(config, torch.float32, available=1 << 40)
+    need = check_config_fits(config, torch.float32, available=1 << 40)
     assert need == config.estimated_llm_bytes(4) > 0
-    with pytest.raises(CheckpointError, match="GiB are available: refused"):
-        check_memory(config, torch.float32, available=need - 1)
+    with pytest.raises(InsufficientMemoryError, match="GB RAM available: use --dtype bfloat16 or --engine bnb4"):
+        check_config_fits(config, torch.float32, available=need - 1)
     big = dict(config.raw, text_config=dict(config.text_config, hidden_size=65536, vocab_size=1 << 20))
     from openvla_ros.vla.checkpoint import CheckpointConfig
 

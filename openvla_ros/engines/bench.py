@@ -33,16 +33,21 @@ def synthetic_scene(seed: int = 0, height: int = 256, width: int = 320) -> np.nd
 
 
 def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, runs: int = 20,
-                 warmup: int = 3) -> dict:
+                 warmup: int = 3, predict_action: bool = True) -> dict:
+    """Ours against two references on the same weights and inputs, interleaved per run: the language
+    model's `generate()` on our embeddings, and (`predict_action`) a faithful re-run of OpenVLA's own
+    predict_action (`reference_predict`: every vision block, full-sequence logits, growing cache/mask)."""
+    from .reference_predict import reference_predict_tokens
+
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     clock = time.perf_counter
     ours: dict[str, list[float]] = {}
-    ref_lm, ref_total = [], []
-    identical = True
-    ours_tokens = ref_tokens = None
+    ref_lm, ref_total, pa_total = [], [], []
+    identical = identical_pa = True
+    ours_tokens = ref_tokens = pa_tokens = None
     for i in range(warmup + runs):
-        # Interleave the two paths so machine load affects both alike.
+        # Interleave the paths so machine load affects all alike.
         chunk = engine.predict(image, instruction)
         t0 = clock()
         with torch.inference_mode():
@@ -52,15 +57,24 @@ def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, ru
         total_ms = (clock() - t0) * 1e3
         ours_tokens, ref_tokens = chunk.tokens.tolist(), tokens
         identical &= ours_tokens == ref_tokens
+        if predict_action:
+            t0 = clock()
+            pixel_values, input_ids = engine.prepare(image, instruction)
+            pa_tokens = reference_predict_tokens(engine.model, pixel_values, input_ids, engine.pipeline.n_tokens)
+            engine._sync()
+            pa_ms = (clock() - t0) * 1e3
+            identical_pa &= ours_tokens == pa_tokens
         if i < warmup:
             continue
         for stage, ms in chunk.timings_ms.items():
             ours.setdefault(stage, []).append(ms)
         ref_lm.append(lm_ms)
         ref_total.append(total_ms)
+        if predict_action:
+            pa_total.append(pa_ms)
     ours_ms = {stage: statistics.median(values) for stage, values in ours.items()}
     ref_ms = {"lm": statistics.median(ref_lm), "total": statistics.median(ref_total)}
-    return {
+    result = {
         "benchmark": "engine",
         "engine": engine.info(),
         "runs": runs,
@@ -75,6 +89,12 @@ def bench_engine(engine: TorchEngine, image: np.ndarray, instruction: str, *, ru
         "speedup_lm": ref_ms["lm"] / ours_ms["lm"],
         "speedup_total": ref_ms["total"] / ours_ms["total"],
     }
+    if predict_action:
+        pa_ms = statistics.median(pa_total)
+        result.update({"predict_action_ms": pa_ms, "tokens_identical_to_predict_action": bool(identical_pa),
+                       "predict_action_reference": "re-run of OpenVLA's predict_action (engines/reference_predict.py)",
+                       "speedup_vs_predict_action": pa_ms / ours_ms["total"]})
+    return result
 
 
 def bench_forced_prefix(engine, inputs, steps=(0, 1, 2), *, runs: int = 20, warmup: int = 3,
@@ -155,6 +175,9 @@ BENCH_NOTES = [
     "peak_rss_mb: ru_maxrss, process-wide peak at the end (all backends loaded at once for the interleaved runs)",
     "gpu_peak_mb: torch.cuda.max_memory_allocated over the row's load and untimed calls, including the torch engine kept for reference",
     "tokens_identical_to_torch_fp32: tokens equal to a float32 TorchEngine on every bench image and every timed call",
+    "token_agreement / mean_bin_distance / action_l2 / normalised_l2: against the float32 TorchEngine over every "
+    "(image, instruction) input: share of identical action tokens, mean |token difference| in bins, mean L2 "
+    "of the chunk's action difference in dataset units and in [-1, 1]",
 ]
 
 
@@ -178,13 +201,37 @@ def peak_rss_mb(children: bool = False) -> float:
     return value / (1024 * 1024) if sys.platform == "darwin" else value / 1024  # bytes on macOS, KiB on Linux
 
 
-def bench_inputs(n_images: int, instruction: str, image: np.ndarray | None = None) -> list[tuple[np.ndarray, str]]:
-    """The (image, instruction) pairs every backend sees: the given image, else `n_images` synthetic scenes."""
+def bench_inputs(n_images: int, instruction, image: np.ndarray | None = None) -> list[tuple[np.ndarray, str]]:
+    """The (image, instruction) pairs every backend sees: the given image, else `n_images` synthetic
+    scenes, each with every instruction (`instruction` is one string or several)."""
+    instructions = [instruction] if isinstance(instruction, str) else list(instruction)
+    if not instructions:
+        raise ValueError("at least one instruction is needed")
     if image is not None:
-        return [(image, instruction)]
+        return [(image, text) for text in instructions]
     if n_images < 1:
         raise ValueError(f"images must be >= 1, got {n_images}")
-    return [(synthetic_scene(seed=seed), instruction) for seed in range(n_images)]
+    return [(synthetic_scene(seed=seed), text) for seed in range(n_images) for text in instructions]
+
+
+def agreement(chunks, reference_chunks) -> dict:
+    """How far a backend's answers are from the float32 reference's on the same inputs.
+
+    token_agreement: share of action tokens identical; mean_bin_distance: mean |token - reference
+    token| (one token id is one action bin); action_l2: mean over inputs of the L2 norm of the
+    un-normalised action difference (whole chunk); normalised_l2: the same on the [-1, 1] values.
+    """
+    tokens = np.concatenate([np.ravel(c.tokens) for c in chunks]).astype(np.int64)
+    reference = np.concatenate([np.ravel(c.tokens) for c in reference_chunks]).astype(np.int64)
+    if tokens.shape != reference.shape:
+        raise ValueError(f"{tokens.size} tokens against {reference.size} reference tokens")
+    l2 = [float(np.linalg.norm(c.actions - r.actions)) for c, r in zip(chunks, reference_chunks, strict=True)]
+    normalised = [float(np.linalg.norm(c.normalised - r.normalised)) for c, r in zip(chunks, reference_chunks)
+                  if c.normalised is not None and r.normalised is not None]
+    return {"token_agreement": float(np.mean(tokens == reference)),
+            "mean_bin_distance": float(np.mean(np.abs(tokens - reference))),
+            "action_l2": float(np.mean(l2)),
+            "normalised_l2": float(np.mean(normalised)) if normalised else None}
 
 
 def _fmt(value, spec: str) -> str:
@@ -196,18 +243,29 @@ def _tokens(chunk) -> list[int] | None:
     return None if chunk.tokens is None else [int(t) for t in np.ravel(chunk.tokens)]
 
 
-def check_and_warm(engine, inputs, *, warmup: int, reference_tokens: list[list[int]]) -> dict:
-    """Untimed: every input once (tokens against the reference), then `warmup` more calls."""
+def check_and_warm(engine, inputs, *, warmup: int, reference_tokens: list[list[int]],
+                   reference_chunks: list | None = None) -> dict:
+    """Untimed: every input once (tokens against the reference), then `warmup` more calls.
+
+    With the reference's chunks, also the `agreement` figures (when the backend returns tokens)."""
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    identical, n_tokens = True, None
+    identical, n_tokens, chunks = True, None, []
     for (image, instruction), reference in zip(inputs, reference_tokens, strict=True):
-        tokens = _tokens(engine.predict(image, instruction))
+        chunk = engine.predict(image, instruction)
+        chunks.append(chunk)
+        tokens = _tokens(chunk)
         identical &= tokens == reference
         n_tokens = len(tokens) if tokens is not None else n_tokens
     for i in range(warmup):
         engine.predict(*inputs[i % len(inputs)])
-    return {"tokens_identical": bool(identical), "tokens_per_action": n_tokens}
+    result = {"tokens_identical": bool(identical), "tokens_per_action": n_tokens}
+    if reference_chunks is not None:
+        if all(c.tokens is not None for c in chunks):
+            result.update(agreement(chunks, reference_chunks))
+        else:
+            result.update(dict.fromkeys(("token_agreement", "mean_bin_distance", "action_l2", "normalised_l2")))
+    return result
 
 
 def interleaved_latencies(engines: dict, inputs, *, runs: int, reference_tokens: list[list[int]],
@@ -275,11 +333,12 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
         rss_before = current_rss_mb()
         torch_engine = TorchEngine(checkpoint, **common)
         torch_rss = current_rss_mb()
-        if dtype == "float32":
+        if torch_engine.dtype_name == "float32":
             reference_engine = torch_engine
         else:
             reference_engine = TorchEngine(checkpoint, device=device, dtype="float32", unnorm_key=unnorm_key)
-        reference = [_tokens(reference_engine.predict(image, text)) for image, text in inputs]
+        reference_chunks = [reference_engine.predict(image, text) for image, text in inputs]
+        reference = [_tokens(chunk) for chunk in reference_chunks]
         del reference_engine
 
         def temp_dir(prefix):
@@ -300,7 +359,7 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             if name in ("bnb4", "bnb8"):
                 from .bnb_engine import bnb_unavailable_reason
 
-                reason = bnb_unavailable_reason()
+                reason = bnb_unavailable_reason(device)
                 if reason is not None:
                     return reason
                 return create_engine(name, checkpoint, **common)
@@ -354,7 +413,8 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             row = {"engine": name, "available": True,
                    "device": info.get("device") or ",".join(info.get("providers") or []) or info.get("url"),
                    "dtype": info.get("dtype")}
-            checked = check_and_warm(engine, inputs, warmup=warmup, reference_tokens=reference)
+            checked = check_and_warm(engine, inputs, warmup=warmup, reference_tokens=reference,
+                                     reference_chunks=reference_chunks)
             row["rss_after_load_mb"] = rss_loaded
             row["rss_increase_over_torch_mb"] = 0.0 if name == "torch" else rss_loaded - torch_rss
             if name == "torch":
@@ -373,6 +433,8 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
                         "tokens_per_s": n_tokens / (stats["latency_ms_p50"] / 1e3) if n_tokens and stats["latency_ms_p50"] > 0 else None,
                         "tokens_per_action": n_tokens, "samples": stats["samples"],
                         "tokens_identical_to_torch_fp32": checked["tokens_identical"] and stats["tokens_identical"],
+                        "token_agreement": checked["token_agreement"], "mean_bin_distance": checked["mean_bin_distance"],
+                        "action_l2": checked["action_l2"], "normalised_l2": checked["normalised_l2"],
                         "peak_rss_mb": peak_rss_mb()})
     torch_rows = [r for r in rows if r["engine"] == "torch" and r["available"]]
     for row in rows:
@@ -380,12 +442,14 @@ def bench_backends(checkpoint, engines, *, inputs, runs: int = 20, warmup: int =
             row["ratio_vs_torch"] = (torch_rows[0]["latency_ms_p50"] / row["latency_ms_p50"]) if torch_rows else None
     return {"benchmark": "engines", "rows": rows, "checkpoint": str(checkpoint), "device": device,
             "cuda": cuda, "dtype": dtype, "runs": runs, "warmup": warmup, "images": len(inputs),
+            "instructions": sorted({text for _, text in inputs}),
             "torch_threads": torch.get_num_threads(), "notes": BENCH_NOTES}
 
 
 def format_backends_table(result: dict) -> str:
     """The rows of `bench_backends` as an aligned text table, unavailable backends with their reason."""
-    header = ["engine", "p50 ms", "p95 ms", "tok/s", "x torch", "RSS MB", "+RSS MB", "GPU MB", "tokens=torch32"]
+    header = ["engine", "dtype", "p50 ms", "p95 ms", "tok/s", "x torch", "RSS MB", "+RSS MB", "GPU MB", "tokens=torch32",
+              "agree", "bin dist", "action L2"]
     lines = []
     for row in result["rows"]:
         if not row["available"]:
@@ -393,15 +457,17 @@ def format_backends_table(result: dict) -> str:
             continue
         gpu = _fmt(row["gpu_peak_mb"], ".0f")
         tps = _fmt(row["tokens_per_s"], ".0f")
-        lines.append([row["engine"], f"{row['latency_ms_p50']:.1f}", f"{row['latency_ms_p95']:.1f}", tps,
+        lines.append([row["engine"], str(row.get("dtype")), f"{row['latency_ms_p50']:.1f}", f"{row['latency_ms_p95']:.1f}", tps,
                       _fmt(row["ratio_vs_torch"], ".2f"), f"{row['rss_after_load_mb']:.0f}",
                       _fmt(row["rss_increase_over_torch_mb"], "+.0f"), gpu,
-                      "yes" if row["tokens_identical_to_torch_fp32"] else "NO"])
+                      "yes" if row["tokens_identical_to_torch_fp32"] else "NO",
+                      _fmt(row.get("token_agreement"), ".1%"), _fmt(row.get("mean_bin_distance"), ".2f"),
+                      _fmt(row.get("action_l2"), ".2e")])
     widths = [max(len(r[i]) for r in [header] + [r for r in lines if len(r) == len(header)]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     for r in lines:
         out.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) if len(r) == len(header) else "  ".join(r))
     out.append(f"checkpoint {result['checkpoint']}, device {result['device']}, {result['runs']} runs "
-               f"(+{result['warmup']} warmup) over {result['images']} image(s)")
+               f"(+{result['warmup']} warmup) over {result['images']} (image, instruction) input(s)")
     out.extend("note: " + note for note in result["notes"])
     return "\n".join(out)

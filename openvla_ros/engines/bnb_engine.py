@@ -1,18 +1,22 @@
-"""`bnb4` / `bnb8` backends: the language model's linear layers quantised with bitsandbytes on CUDA.
+"""`bnb4` / `bnb8` backends: the language model's linear layers quantised with bitsandbytes, on CPU or CUDA.
 
-NF4 (optionally double-quantised) or LLM.int8 for every linear layer inside the Llama decoder
-layers; the embedding, the LM head, the vision backbones and the projector stay bf16 (as in the
-reference's QLoRA/8-bit setups). Weights are loaded to the CPU first and quantised while being
-moved to the GPU, so the full bf16 language model never has to fit in GPU memory.
+NF4 (optionally double-quantised, bf16 compute by default) or LLM.int8 for every linear layer inside
+the Llama decoder layers (and the projector's with `quantise_projector`); the embedding, the LM head,
+the vision backbones and the projector otherwise stay in the load dtype (as in the reference's
+QLoRA/8-bit setups). Each layer is quantised as soon as its weights have been streamed from the
+checkpoint, on the target device, so the full-precision language model is never held anywhere.
+bitsandbytes 0.50 runs both layer types on the CPU with its generic kernels (it logs that a faster
+4-bit CPU kernel, fetched from a hub at run time, is unavailable) and on CUDA with its own.
 
 bitsandbytes' layers do their own matmuls, so decoding goes through the modules' forward (Hugging
 Face cache, greedy, exactly K*D tokens: `hf_greedy_decode`) rather than `llama_decode`, which reads
-`layer.weight` directly. Without CUDA or without bitsandbytes, construction raises ValueError
-saying which is missing.
+`layer.weight` directly. Without bitsandbytes, or with a CUDA device on a machine without CUDA,
+construction raises ValueError saying which is missing.
 """
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -22,8 +26,8 @@ from torch import nn
 from ..vla.checkpoint import Checkpoint
 from ..vla.model import load_model
 from ..vla.pipeline import OpenVLAPipeline
+from .quantise import LinearQuantiser, quantisable_linears
 from .torch_engine import TorchEngine, check_device, parse_dtype
-from .base import gpu_backend_unavailable_reason
 from .llama_decode import greedy
 
 BNB_BITS = {"bnb4": 4, "bnb8": 8}
@@ -45,18 +49,25 @@ def bnb_settings(bits: int, *, quant_type: str = "nf4", double_quant: bool = Tru
     raise ValueError(f"bits must be 4 or 8, got {bits!r}")
 
 
-def bnb_unavailable_reason(*, cuda_available: bool | None = None, bnb_installed: bool | None = None) -> str | None:
-    """Why the bnb backends cannot run here (None when they can)."""
-    return gpu_backend_unavailable_reason("the bnb4/bnb8 engines need", "the bitsandbytes package (pip install bitsandbytes)",
-                                          "--engine torch or onnx", cuda_available=cuda_available,
-                                          package_installed=bnb_installed, module="bitsandbytes")
+def bnb_unavailable_reason(device: str = "cpu", *, cuda_available: bool | None = None,
+                           bnb_installed: bool | None = None) -> str | None:
+    """Why the bnb backends cannot run on `device` here (None when they can)."""
+    import importlib.util
 
-
-def quantisable_linears(language_model: nn.Module) -> list[str]:
-    """Names (relative to the language model) of the linear layers that get quantised:
-    every nn.Linear inside the decoder layers; embedding and lm_head stay in full precision."""
-    return [name for name, module in language_model.named_modules()
-            if isinstance(module, nn.Linear) and ".layers." in f".{name}"]
+    if bnb_installed is None:
+        bnb_installed = importlib.util.find_spec("bitsandbytes") is not None
+    missing = []
+    if str(device).startswith("cuda"):
+        if cuda_available is None:
+            cuda_available = torch.cuda.is_available()
+        if not cuda_available:
+            missing.append(f"a CUDA GPU for device {device!r} (torch.cuda.is_available() is False on this machine; "
+                           "--device cpu runs them on the CPU)")
+    if not bnb_installed:
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if missing:
+        return "the bnb4/bnb8 engines need " + " and ".join(missing) + "; or use --engine torch, int8 or onnx"
+    return None
 
 
 def quantised_weight_bytes(language_model: nn.Module, bits: int) -> dict:
@@ -75,31 +86,50 @@ def quantised_weight_bytes(language_model: nn.Module, bits: int) -> dict:
     return {"bf16_bytes": full + other, "quantised_bytes": quantised + other}
 
 
-def quantise_language_model(language_model: nn.Module, settings: dict, device: str) -> nn.Module:
-    """Swap the decoder's linear layers for bitsandbytes ones and move the model to `device` (CUDA);
-    bitsandbytes quantises the weights during that move."""
-    import bitsandbytes as bnb
+class BnbQuantiser(LinearQuantiser):
+    """bitsandbytes layers for the targets: NF4/FP4 `Linear4bit` or LLM.int8 `Linear8bitLt`; the
+    weights are quantised by bitsandbytes when the new layer is moved to the device."""
 
-    compute_dtype = parse_dtype(settings["compute_dtype"])
-    for name in quantisable_linears(language_model):
-        parent_name, _, child = name.rpartition(".")
-        parent = language_model.get_submodule(parent_name)
-        old: nn.Linear = getattr(parent, child)
-        weight = old.weight.detach().to(compute_dtype).cpu()
+    def __init__(self, settings: dict, *, projector: bool = False):
+        super().__init__(projector=projector)
+        self.settings = dict(settings)
+        self.name = f"bnb{settings['bits']}"
         if settings["bits"] == 4:
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+            # packed nibbles + one absmax per 64 weights (fp32, or 8-bit with double quantisation)
+            self.weight_bytes_per_element = 0.5 + (1.0 if settings["double_quant"] else 4.0) / 64
+        else:
+            self.weight_bytes_per_element = 1.0  # + one fp32 scale per output row, negligible
+
+    def quantise(self, module: nn.Linear, device: str) -> nn.Module:
+        import bitsandbytes as bnb
+
+        settings = self.settings
+        compute_dtype = parse_dtype(settings["compute_dtype"])
+        weight = module.weight.detach().to(compute_dtype)
+        if settings["bits"] == 4:
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                     compute_dtype=compute_dtype, quant_type=settings["quant_type"],
-                                    compress_statistics=settings["double_quant"], device="cpu")
+                                    compress_statistics=settings["double_quant"], device="meta")
             new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=settings["quant_type"],
                                            compress_statistics=settings["double_quant"])
         else:
-            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
-                                      has_fp16_weights=False, threshold=settings["int8_threshold"], device="cpu")
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                      has_fp16_weights=False, threshold=settings["int8_threshold"], device="meta")
             new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-        if old.bias is not None:
-            new.bias = nn.Parameter(old.bias.detach().to(compute_dtype), requires_grad=False)
-        setattr(parent, child, new)
-    return language_model.to(device)
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().to(compute_dtype), requires_grad=False)
+        return new.to(device)  # bitsandbytes quantises on this move (CPU or CUDA)
+
+
+def quantise_language_model(model: nn.Module, settings: dict, device: str, *, projector: bool = False) -> nn.Module:
+    """Quantise an already loaded OpenVLA model's targets in place (loading with the quantiser is the
+    memory-lean way; this serves models built in memory)."""
+    quantiser = BnbQuantiser(settings, projector=projector)
+    for name in sorted(quantiser.targets(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, quantiser.quantise(getattr(parent, child), device))
+    return model.to(device)
 
 
 @torch.inference_mode()
@@ -126,49 +156,53 @@ def hf_greedy_decode(causal_lm, embeds: torch.Tensor, n_tokens: int, windows=Non
 class BnbEngine(TorchEngine):
     """`Engine` backend: TorchEngine's pre/post-processing and vision path, a bitsandbytes language model."""
 
-    def __init__(self, checkpoint_dir, *, bits: int = 4, device: str = "cuda", dtype: str = "bfloat16",
+    def __init__(self, checkpoint_dir, *, bits: int = 4, device: str = "cpu", dtype: str = "bfloat16",
                  quant_type: str = "nf4", double_quant: bool = True, int8_threshold: float = 6.0,
-                 unnorm_key: str | None = None, center_crop: bool = False, rotate_180: bool = False,
-                 clock: Callable[[], float] = time.perf_counter):
+                 quantise_projector: bool = False, unnorm_key: str | None = None, center_crop: bool = False,
+                 rotate_180: bool = False, clock: Callable[[], float] = time.perf_counter,
+                 available_bytes: int | None = None):
         # Settings are validated before anything heavy happens; then availability.
+        dtype = "bfloat16" if dtype == "auto" else dtype
         self.settings = bnb_settings(bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=dtype,
                                      int8_threshold=int8_threshold)
-        reason = bnb_unavailable_reason()
+        reason = bnb_unavailable_reason(device)
         if reason is not None:
             raise ValueError(reason)
-        if not str(device).startswith("cuda"):
-            raise ValueError(f"the bnb engines run on CUDA only, got device {device!r}")
         self.name = f"bnb{bits}"
         self.checkpoint = Checkpoint.open(checkpoint_dir)
         self.device = check_device(device)
         self.dtype_name = dtype
         self.dtype = parse_dtype(dtype)
         self.pipeline = OpenVLAPipeline(self.checkpoint, unnorm_key=unnorm_key, center_crop=center_crop, rotate_180=rotate_180)
-        model = load_model(self.checkpoint, dtype=self.dtype, device="cpu")
-        model.vision_backbone.to(self.device)
-        model.projector.to(self.device)
-        quantise_language_model(model.language_model, self.settings, self.device)
-        self.model = model.eval()
+        self.quantiser = BnbQuantiser(self.settings, projector=quantise_projector)
+        self.model = load_model(self.checkpoint, dtype=self.dtype, device=self.device, quantiser=self.quantiser,
+                                available_bytes=available_bytes)
         self._clock = clock
         self._decoder = None
 
     def info(self) -> dict:
-        return {**super().info(), "engine": self.name, "quantisation": dict(self.settings)}
+        return {**super().info(), "engine": self.name,
+                "quantisation": {**self.settings, "projector": self.quantiser.projector}}
 
     def decode(self, embeds: torch.Tensor, n_tokens: int | None = None, windows=None) -> tuple[list[int], dict]:
         t0 = self._clock()
         n = self.pipeline.n_tokens if n_tokens is None else int(n_tokens)
-        tokens = hf_greedy_decode(self.model.language_model, embeds, n, windows)
+        with warnings.catch_warnings():
+            # LLM.int8 casts bf16 activations to fp16 by design and says so on every call.
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+            tokens = hf_greedy_decode(self.model.language_model, embeds, n, windows)
         self._sync()
         elapsed = (self._clock() - t0) * 1e3
         return tokens, {"lm": elapsed}
 
 
 def create_bnb_engine(bits: int):
-    """ENGINE_FACTORIES entries for bnb4/bnb8; the CLI's defaults (cpu, float32) become cuda, bfloat16."""
+    """ENGINE_FACTORIES entries for bnb4/bnb8: CUDA when there is one unless a device is given; the
+    compute dtype defaults (None/auto) to bfloat16."""
     def factory(checkpoint, *, device: str | None = None, dtype: str | None = None, **options) -> BnbEngine:
-        device = "cuda" if device in (None, "cpu") else device
-        dtype = "bfloat16" if dtype in (None, "float32") else dtype
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = "bfloat16" if dtype in (None, "auto") else dtype
         return BnbEngine(checkpoint, bits=bits, device=device, dtype=dtype, **options)
 
     return factory

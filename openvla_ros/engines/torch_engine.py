@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..vla.checkpoint import Checkpoint
+from ..vla.loading import resolve_dtype
 from ..vla.model import load_model
 from ..vla.pipeline import OpenVLAPipeline
 from .base import ActionChunk, PipelineBackedEngine
@@ -46,13 +47,13 @@ class TorchEngine(PipelineBackedEngine):
     name = "torch"
     supports_forced_prefix = True
 
-    def __init__(self, checkpoint_dir, *, device: str = "cpu", dtype: str = "float32",
+    def __init__(self, checkpoint_dir, *, device: str = "cpu", dtype: str = "auto",
                  unnorm_key: str | None = None, center_crop: bool = False, rotate_180: bool = False,
                  clock: Callable[[], float] = time.perf_counter):
         self.checkpoint = Checkpoint.open(checkpoint_dir)
         self.device = check_device(device)
-        self.dtype_name = dtype
-        self.dtype = parse_dtype(dtype)
+        self.dtype_name = resolve_dtype(dtype, self.device, self.checkpoint)  # auto: fp32 for small models, else 16-bit
+        self.dtype = parse_dtype(self.dtype_name)
         self.pipeline = OpenVLAPipeline(self.checkpoint, unnorm_key=unnorm_key, center_crop=center_crop, rotate_180=rotate_180)
         self.model = load_model(self.checkpoint, dtype=self.dtype, device=self.device)
         self._clock = clock

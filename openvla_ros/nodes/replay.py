@@ -32,6 +32,7 @@ from ..eval.bags import MSG_COMPRESSED_IMAGE, MSG_FLOAT64, MSG_FLOAT64_ARRAY, MS
 from ..eval.closed_loop import (CAMERA_TOPIC, GRIPPER_TOPIC, INSTRUCTION_TOPIC, RECORDED_BAG, RECORDED_TOPICS,
                                 TWIST_TOPIC, PublishedFrame, ReplayOptions, load_source_frames, score_replay,
                                 source_joint_states, write_replay_outputs)
+from ..vla import constants as C
 
 from .ros_common import SpinningNode
 
@@ -261,7 +262,7 @@ def add_replay_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (official OpenVLA format)")
     p.add_argument("--engine", default="torch", choices=engine_names(), help="backend (default: torch)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=C.DTYPE_CHOICES, help=C.DTYPE_HELP)
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--center-crop", action="store_true")
     p.add_argument("--rotate-180", action="store_true")

@@ -26,7 +26,7 @@ PARAMS = [
     ParamSpec("checkpoint", "", "OpenVLA checkpoint directory (official Hugging Face layout)", read_only=True),
     ParamSpec("engine", "torch", "inference backend", choices=("torch", "bnb4", "bnb8", "onnx", "tensorrt", "remote"), read_only=True),
     ParamSpec("device", "cpu", "torch device: cpu or cuda[:N]", read_only=True),
-    ParamSpec("dtype", "float32", "weights dtype", choices=("float32", "bfloat16", "float16"), read_only=True),
+    ParamSpec("dtype", "auto", "weights dtype (auto: float32 below 1e9 parameters, else bfloat16)", choices=("auto", "float32", "bfloat16", "float16"), read_only=True),
     ParamSpec("unnorm_key", "", "dataset key of the action statistics (empty: the only one)", read_only=True),
     ParamSpec("center_crop", False, "90% area centre crop, for models trained with augmentation", read_only=True),
     ParamSpec("rotate_180", False, "rotate camera images by 180 degrees (upside-down camera)", read_only=True),

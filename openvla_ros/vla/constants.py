@@ -43,3 +43,8 @@ MAX_INSTRUCTION_CHARS = 2000
 
 # Smallest image side (px) the preprocessing accepts (resizing needs at least 2 pixels per axis).
 MIN_IMAGE_SIDE = 2
+
+# What --dtype and vla_node's dtype parameter accept; auto picks per model size (vla/loading.py).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = ("weights dtype; auto (default): float32 for models under 1e9 parameters (tiny/demo), "
+              "else bfloat16 (float16 on GPUs without bf16)")

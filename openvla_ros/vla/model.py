@@ -128,55 +128,51 @@ def _name_list(names, limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the kernel can give this process now (MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def check_config_fits(config: CheckpointConfig, dtype: torch.dtype, available: int | None = None,
+                      device: str = "cpu") -> int:
+    """The language model's weight bytes in `dtype` estimated from the config alone;
+    InsufficientMemoryError when they cannot fit the memory available on `device` (measured unless
+    given). Runs before anything is built: nn.Linear allocates each weight before accelerate moves
+    it to the meta device, so a config too large for the machine must not get that far."""
+    from .loading import check_fits, suggestions_for
 
-
-def check_memory(config: CheckpointConfig, dtype: torch.dtype, available: int | None = None) -> int:
-    """The language model's weight bytes in `dtype`; CheckpointError when they exceed the memory
-    available (measured unless given): refused before anything is allocated."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    need = config.estimated_llm_bytes(itemsize)
-    available = available_memory_bytes() if available is None else available
-    if available is not None and need > available:
-        raise CheckpointError(f"the language model of this config needs ~{need / 2**30:.1f} GiB for its weights in "
-                              f"{dtype} ({config.text_config['num_hidden_layers']} layers, hidden "
-                              f"{config.text_config['hidden_size']}, vocab {config.text_config['vocab_size']}); "
-                              f"{available / 2**30:.1f} GiB are available: refused")
+    need = config.estimated_llm_bytes(torch.empty((), dtype=dtype).element_size())
+    check_fits(need, device=device, what=f"in {str(dtype).removeprefix('torch.')}", available=available,
+               suggestions=suggestions_for(dtype))
     return need
 
 
-def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> OpenVLAModel:
-    """Build the network without allocating weights, then load every stored tensor (strictly).
+def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               quantiser=None, check_memory: bool = True, available_bytes: int | None = None,
+               on_quantised=None) -> OpenVLAModel:
+    """Build the network without allocating weights, then stream every stored tensor into it (strictly).
 
-    A missing or unexpected weight, or a shape mismatch, raises CheckpointError listing the names.
+    A missing or unexpected weight, or a shape mismatch, raises CheckpointError listing the names
+    before any weight is read; so does a model that does not fit the memory available on `device`
+    in `dtype` (InsufficientMemoryError, with what to choose instead; `available_bytes` overrides
+    the probe). Weights go straight to `device` one tensor at a time (see `vla.loading`); a
+    `quantiser` replaces its target layers as soon as each has arrived.
     """
     from accelerate import init_empty_weights
 
-    check_memory(checkpoint.config, dtype)
+    from .loading import (check_fits, load_streamed, suggestions_for, tensor_entries, weight_bytes)
+
+    if check_memory and quantiser is None:  # quantised layers take less than the dtype: checked below
+        check_config_fits(checkpoint.config, dtype, available_bytes, device)
     # Parameters are created on the meta device; buffers (e.g. rotary inv_freq) stay real and fp32.
-    # (nn.Linear still allocates each weight before accelerate moves it to meta: check_memory keeps
-    # absurd sizes from getting that far.)
     with init_empty_weights(include_buffers=False):
         model = OpenVLAModel(checkpoint.config)
-    expected = {name: p for name, p in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
-    for stored_name, tensor in checkpoint.iter_tensors():
-        name = to_module_name(stored_name)
-        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"weight {stored_name} has shape {tuple(tensor.shape)}, the config "
-                                  f"implies {tuple(expected[name].shape)}")
-        state[name] = tensor.to(dtype=dtype) if tensor.is_floating_point() else tensor
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    entries = tensor_entries(checkpoint)
+    stored = {}
+    for entry in entries:
+        name = to_module_name(entry.name)
+        if name in expected and expected[name] != entry.shape:
+            raise CheckpointError(f"weight {entry.name} has shape {entry.shape}, the config "
+                                  f"implies {expected[name]}")
+        stored[name] = entry
+    missing = set(expected) - set(stored)
+    unexpected = set(stored) - set(expected)
     if missing or unexpected:
         parts = []
         if missing:
@@ -184,5 +180,16 @@ def load_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32, de
         if unexpected:
             parts.append(f"unexpected weights ({len(unexpected)}): {_name_list(to_stored_name(n) for n in unexpected)}")
         raise CheckpointError(f"checkpoint {checkpoint.path} does not match its config: " + "; ".join(parts))
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.to(device).eval()
+    if check_memory:
+        per_weight = None
+        if quantiser is not None:
+            targets = quantiser.targets(model)
+
+            def per_weight(entry):
+                return quantiser.bytes_per_weight(entry, to_module_name(entry.name).rpartition(".")[0], targets)
+        what = f"as {quantiser.name}" if quantiser is not None else f"in {str(dtype).removeprefix('torch.')}"
+        check_fits(weight_bytes(entries, dtype, per_weight), device=device, what=what, available=available_bytes,
+                   suggestions=suggestions_for(dtype) if quantiser is None else "use a smaller model or another device")
+    load_streamed(model, entries, dtype=dtype, device=device, rename=to_module_name, quantiser=quantiser,
+                  on_quantised=on_quantised)
+    return model.eval()
