@@ -12,11 +12,10 @@ from __future__ import annotations
 import base64
 import json
 import math
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from hostile_images import png_declaring
 from conftest import ManualClock
 from fuzz_profiles import TALLY, examples
 from hypothesis import assume, given
@@ -93,14 +92,6 @@ _VALID = {codec: encode_compressed_image(np.random.default_rng(0).integers(0, 25
                                          codec)[1].tobytes() for codec in ("png", "jpeg")}
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A well-formed PNG (valid CRCs) whose header declares width x height over a few bytes of pixels."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + chunk(b"IEND", b""))
 
 
 @examples(200)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import struct
 import threading
 import time
-import zlib
 
 import numpy as np
 import pytest
+from hostile_images import png_declaring
 from conftest import ManualClock
 
 from openvla_ros.cli import main as cli_main
@@ -36,14 +35,6 @@ PERIOD = 0.01
 WAIT_S = 10.0  # liveness bound for anything asynchronous; passing runs take milliseconds
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    """A well-formed 68-byte PNG whose header declares width x height (its pixel data is tiny)."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + chunk(b"IEND", b""))
 
 
 # images ------------------------------------------------------------------------------------------

@@ -7,13 +7,12 @@ Input counts per class go to the fuzz tally (fuzz_profiles.TALLY).
 """
 from __future__ import annotations
 
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_images import png_declaring
 from fuzz_profiles import TALLY
 from ros_helpers import probe, rclpy_context, ros_env, spin_in_background, wait_until  # noqa: F401
 
@@ -31,13 +30,6 @@ WINDOW_TWISTS, WINDOW_STATUSES = 40, 4  # what a phase observes after settling (
 MAX_LINEAR, MAX_ANGULAR = 0.5, 2.0  # vla_node defaults
 
 
-def png_declaring(width: int, height: int) -> bytes:
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-            + chunk(b"IEND", b""))
 
 
 def stripes() -> np.ndarray:
