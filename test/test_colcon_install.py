@@ -169,12 +169,12 @@ ROSDEP_KEY = {
     "matplotlib": "python3-matplotlib", "h5py": "python3-h5py", "tqdm": "python3-tqdm",
     "transformers": "python3-transformers-pip", "timm": "python3-timm-pip",
     "rosbags": "python3-rosbags-pip", "pybullet": "python3-pybullet-pip", "pybullet_data": "python3-pybullet-pip",
-    "onnxruntime": "python3-onnxruntime-pip",
+    "onnxruntime": "python3-onnxruntime-pip", "psutil": "python3-psutil",
 }
 # Installed with pip (package.xml says why in a comment): no rosdep key exists, or (torch,
 # torchvision) the key's apt build is CPU-only. apsw comes with rosbags.
 NO_ROSDEP_KEY = {"safetensors", "tokenizers", "accelerate", "peft", "onnx", "onnxscript", "bitsandbytes", "tensorrt",
-                 "apsw", "torch", "torchvision"}
+                 "torchao", "pyarrow", "av", "tfrecord", "wandb", "apsw", "torch", "torchvision"}
 
 
 def _third_party_imports() -> dict[str, str]:

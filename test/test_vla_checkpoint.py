@@ -126,3 +126,18 @@ def test_dataset_statistics_override_norm_stats(tmp_path, tiny_checkpoint):
 def test_unknown_unnorm_key(torch_engine):
     with pytest.raises(ValueError, match=r"unknown unnorm_key 'bridge_orig'; the checkpoint has \['tiny_demo'\]"):
         torch_engine.predict(random_image(1), "reach", unnorm_key="bridge_orig")
+
+
+def test_a_text_config_that_leaves_llama_sizes_out_gets_llamaconfigs_defaults_as_the_released_one_does():
+    # openvla-7b's config.json gives only vocab_size and pad_token_id in text_config.
+    from transformers import LlamaConfig
+
+    from openvla_ros.vla.checkpoint import CheckpointConfig, llm_parameter_count
+    from openvla_ros.vla.shaped import released_config
+
+    config = CheckpointConfig.from_dict(released_config())
+    reference = LlamaConfig(**released_config()["text_config"])
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+        assert config.text_config[key] == getattr(reference, key), key
+    # Llama 2 7B has 6,738,415,616 parameters; the padded vocabulary adds 64 rows to the embedding and head.
+    assert llm_parameter_count(config.text_config) == 6_738_415_616 + 2 * 64 * 4096

@@ -41,6 +41,10 @@ TEXT_CONFIG_LIMITS = {
     "num_attention_heads": (1, 1024),
     "num_key_value_heads": (1, 1024),
 }
+# What Hugging Face's LlamaConfig assumes for a size text_config leaves out (Llama 2 7B's): the
+# released openvla-7b's config.json gives only vocab_size and pad_token_id and relies on them.
+LLAMA_DEFAULT_SIZES = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                       "num_hidden_layers": 32, "num_attention_heads": 32}
 MAX_N_ACTION_BINS = 1 << 16
 MAX_CHUNK_LEN = 1024
 MAX_PAD_TO_MULTIPLE_OF = 1 << 12
@@ -86,9 +90,7 @@ def validate_text_config(text: dict, where: str) -> dict:
     """The Llama sizes of `text_config`, checked (types, TEXT_CONFIG_LIMITS, head divisibility)."""
     sizes = {}
     for key, (lo, hi) in TEXT_CONFIG_LIMITS.items():
-        default = sizes.get("num_attention_heads") if key == "num_key_value_heads" else None
-        if key not in text and default is None:
-            raise CheckpointError(f"{where}: text_config lacks {key!r}")
+        default = sizes["num_attention_heads"] if key == "num_key_value_heads" else LLAMA_DEFAULT_SIZES[key]
         value = text.get(key) if text.get(key) is not None else default
         sizes[key] = _int_field({key: value}, key, None, lo, hi, f"{where}: text_config")
     heads, kv_heads, hidden = sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["hidden_size"]
@@ -195,7 +197,7 @@ class CheckpointConfig:
             arch_specifier=raw.get("arch_specifier", "no-align+fused-gelu-mlp"),
             use_fused_vision_backbone=bool(raw.get("use_fused_vision_backbone", True)),
             image_resize_strategy=raw.get("image_resize_strategy", "resize-naive"),
-            text_config=dict(text),
+            text_config={**text, **sizes},  # the sizes as used, LlamaConfig defaults filled in
             pad_token_id=pad_token_id,
             pad_to_multiple_of=pad_multiple,
             n_action_bins=n_bins,
