@@ -70,18 +70,27 @@ def stamped_since(probe, topic, stamp: float) -> list:
     return [m for m in probe.messages(topic) if stamp_to_seconds(m.header.stamp) >= stamp]
 
 
-def observe(probe, twist_topic, status_topic, twists=WINDOW_TWISTS, statuses=WINDOW_STATUSES):
+# The vla_node under test runs under its own name, so a status from any other node on the test
+# session's ROS domain (e.g. one an earlier test left running) is never taken for its own.
+FUZZED_VLA_NODE = "vla_node_under_fuzz"
+FUZZED_VLA_ARGS = ["--ros-args", "-r", f"__node:={FUZZED_VLA_NODE}"]
+
+
+def observe(probe, twist_topic, status_topic, twists=WINDOW_TWISTS, statuses=WINDOW_STATUSES, node_name=None):
     """From now on, wait (liveness-bounded) until `twists` commands and `statuses` status messages
-    the node sent after now have arrived; returns both lists."""
+    the node (`node_name`: the status' hardware_id, when given) sent after now have arrived;
+    returns both lists."""
     since = stamp_to_seconds(probe.now_msg())
 
+    def own_statuses():
+        return [m for m in stamped_since(probe, status_topic, since)
+                if node_name is None or m.status[0].hardware_id == node_name]
+
     def enough():
-        return (len(stamped_since(probe, twist_topic, since)) >= twists
-                and len(stamped_since(probe, status_topic, since)) >= statuses)
+        return len(stamped_since(probe, twist_topic, since)) >= twists and len(own_statuses()) >= statuses
 
     wait_until(enough, TIMEOUT)
-    return (stamped_since(probe, twist_topic, since),
-            [status_values(m) for m in stamped_since(probe, status_topic, since)])
+    return stamped_since(probe, twist_topic, since), [status_values(m) for m in own_statuses()]
 
 
 def compressed(probe, data, fmt="rgb8; jpeg compressed bgr8", stamp_offset=0.0):
@@ -124,7 +133,7 @@ def test_vla_node_survives_hostile_camera_and_instruction_streams_holds_names_th
     good = compressed(probe, jpeg.tobytes(), fmt)
     camera = Stream(probe, CompressedImage, "/camera/image_raw/compressed", CAMERA_HZ, good)
     probe.publish(String, "/vla/instruction", String(data="pick up the screw"), qos=latched_qos())
-    node = make_node(engine=torch_engine, context=rclpy_context, parameter_overrides=[
+    node = make_node(engine=torch_engine, context=rclpy_context, cli_args=FUZZED_VLA_ARGS, parameter_overrides=[
         Parameter("image_transport", value="compressed"), Parameter("start_enabled", value=True),
         Parameter("status_rate_hz", value=20.0), Parameter("stale_image_timeout_s", value=STALE_S)])
     spinner = spin_in_background(node, rclpy_context)
@@ -152,7 +161,7 @@ def test_vla_node_survives_hostile_camera_and_instruction_streams_holds_names_th
             camera.make = make
             sent_before = camera.sent
             time.sleep(SETTLE_S)
-            settled, statuses = observe(probe, "/vla/eef_delta", "/vla/status")
+            settled, statuses = observe(probe, "/vla/eef_delta", "/vla/status", node_name=FUZZED_VLA_NODE)
             assert settled and statuses, f"{name}: node silent (dead?)"
             moving = sum(bool(np.any(twist_vectors(m)[0]) or np.any(twist_vectors(m)[1])) for m in settled)
             assert moving == 0, f"{name}: {moving} moving twists while the camera was bad"
@@ -220,7 +229,7 @@ def test_vla_node_survives_hostile_raw_frames(rclpy_context, probe, torch_engine
     good = raw(probe, "rgb8", f.height, f.width, f.step, f.data.tobytes())
     camera = Stream(probe, Image, "/camera/image_raw", CAMERA_HZ, good)
     probe.publish(String, "/vla/instruction", String(data="pick up the screw"), qos=latched_qos())
-    node = make_node(engine=torch_engine, context=rclpy_context, parameter_overrides=[
+    node = make_node(engine=torch_engine, context=rclpy_context, cli_args=FUZZED_VLA_ARGS, parameter_overrides=[
         Parameter("start_enabled", value=True), Parameter("status_rate_hz", value=20.0),
         Parameter("stale_image_timeout_s", value=STALE_S)])
     spinner = spin_in_background(node, rclpy_context)
@@ -243,7 +252,7 @@ def test_vla_node_survives_hostile_raw_frames(rclpy_context, probe, torch_engine
             camera.make = make
             sent_before = camera.sent
             time.sleep(SETTLE_S)
-            settled, statuses = observe(probe, "/vla/eef_delta", "/vla/status")
+            settled, statuses = observe(probe, "/vla/eef_delta", "/vla/status", node_name=FUZZED_VLA_NODE)
             assert settled and statuses, f"{name}: node silent"
             assert all(not np.any(twist_vectors(m)[0]) and not np.any(twist_vectors(m)[1]) for m in settled), name
             assert {s["state"] for s in statuses} == {"bad_camera"}, name
